@@ -1,0 +1,99 @@
+"""main(): read settings -> prepare the process -> serve. Also the shiv entry point.
+
+Nothing here builds the app at import time: Sanic spawns its workers, and each worker
+rebuilds the app from the pickled `AppLoader` factory (`partial(create_app, settings)`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from functools import partial
+
+from . import __version__
+from .config import VARS, ConfigError, Settings
+
+USAGE = """\
+usage: imgproxy [--help | --version | --check-config]
+
+Serves and transforms the images under IMAGE_PROXY_ROOT_PATH over HTTP.
+Configuration comes from the environment only:
+"""
+
+
+def help_text() -> str:
+    lines = [USAGE]
+    group = None
+    for var in VARS:
+        if var.group != group:
+            group = var.group
+            lines.append(f"\n{group}:")
+        default = var.default if var.default else "(unset)"
+        if var.attr in ("workers", "transform_threads"):
+            default = "(number of CPUs)"
+        lines.append(f"  {var.env:<38} {default!s:<40} {var.help}")
+    return "\n".join(lines) + "\n"
+
+
+def prepare_metrics_dir() -> str | None:
+    """Point prometheus-client at a fresh multiprocess directory before anything imports it.
+
+    Returns the directory if this process created it (and should remove it on exit)."""
+    created = None
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        path = created = tempfile.mkdtemp(prefix="imgproxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    from .metrics import reset_directory
+
+    reset_directory(path)
+    return created
+
+
+def serve(settings: Settings) -> None:
+    from sanic import Sanic
+    from sanic.worker.loader import AppLoader
+
+    from .app import create_app
+
+    loader = AppLoader(factory=partial(create_app, settings))
+    app = loader.load()
+    host, port = settings.bind
+    app.prepare(host=host, port=port, workers=settings.workers)
+    Sanic.serve(primary=app, app_loader=loader)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args in (["--version"], ["-V"]):
+        print(f"imgproxy {__version__}")
+        return 0
+    if args in (["--help"], ["-h"]):
+        print(help_text(), end="")
+        return 0
+    if args not in ([], ["--check-config"]):
+        print(USAGE, file=sys.stderr, end="")
+        return 2
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"imgproxy: {exc}", file=sys.stderr)
+        return 1
+    if args == ["--check-config"]:
+        print("imgproxy: configuration OK")
+        return 0
+    if settings.log_level != "DEBUG":
+        os.environ.setdefault("VIPS_WARNING", "0")  # libvips' stderr noise on bad input
+    created = prepare_metrics_dir()
+    try:
+        serve(settings)
+    finally:
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""create_app(settings) -> Sanic: routes, listeners and the one error handler. Thin.
+
+Every per-worker resource (executors, HTTP client, cache handles, metrics) is created in
+`before_server_start`, inside the worker, and closed in `after_server_stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from email.utils import formatdate
+from typing import Any
+
+import httpx
+from sanic import HTTPResponse, Request, Sanic
+from sanic.config import Config
+from sanic.exceptions import SanicException
+
+from . import __version__, params, transform
+from .cache import DiskTier, MemoryTier, TieredCache
+from .config import Settings
+from .errors import ImgProxyError, Overloaded, status_label
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics, mark_process_dead
+from .service import Conditional, ImageService, Reply
+from .sniff import EXTENSIONS
+from .sources import HttpSource, stream_file
+
+log = logging.getLogger("imgproxy")
+
+# Sanic defaults that matter for a public image server; any can be overridden with SANIC_*.
+SANIC_DEFAULTS: dict[str, Any] = {
+    "REQUEST_MAX_SIZE": 64 * 1024,  # only GET/HEAD are served: no request has a body
+    "REQUEST_TIMEOUT": 10,  # slowloris guard: headers must arrive within 10 s
+    "RESPONSE_TIMEOUT": 60,  # the transform queue and pixel limit bound the real work
+    "GRACEFUL_SHUTDOWN_TIMEOUT": 8,  # multi-worker Sanic cuts in-flight requests at ~10 s
+    "ACCESS_LOG": False,
+    "NOISY_EXCEPTIONS": False,
+    "MOTD": False,
+}
+_REASONS = {
+    404: "not found",
+    405: "method not allowed",
+    408: "request timeout",
+    413: "request too large",
+}
+
+
+def create_app(settings: Settings | None = None) -> Sanic:
+    # `sanic imgproxy.app:create_app --factory` passes its argparse Namespace: ignore it.
+    if not isinstance(settings, Settings):
+        settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    app = Sanic("imgproxy", config=Config(defaults=SANIC_DEFAULTS))
+    app.ctx.settings = settings
+    app.add_route(health, "/health", methods=["GET", "HEAD"])
+    app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
+    app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
+    app.error_handler.add(Exception, on_error)
+    app.register_listener(start_worker, "before_server_start")
+    app.register_listener(stop_worker, "after_server_stop")
+    return app
+
+
+def configure_logging(level: str) -> None:
+    for name in ("imgproxy", "sanic.root", "sanic.error"):
+        logging.getLogger(name).setLevel(level)
+
+
+async def start_worker(app: Sanic) -> None:
+    s: Settings = app.ctx.settings
+    transform.configure(s.vips_concurrency)
+    m = Metrics()
+    cache = None
+    if s.enable_cache:
+        disk = None
+        if s.enable_disk_cache:
+            disk = DiskTier(s.cache_disk_path, s.cache_disk_size, m.cache_errors.labels("disk").inc)
+        cache = TieredCache(MemoryTier(s.cache_memory_size, s.cache_max_item_size), disk)
+    elif s.enable_disk_cache:
+        log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
+    http = None
+    if s.fallback_url:
+        app.ctx.http_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(s.fallback_timeout, connect=min(5.0, s.fallback_timeout)),
+            follow_redirects=False,  # redirects are followed by hand and re-checked (SSRF)
+            trust_env=False,  # no HTTP(S)_PROXY / NO_PROXY surprises from the environment
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": f"imgproxy/{__version__}"},
+        )
+        http = HttpSource(
+            s.fallback_url,
+            app.ctx.http_client,
+            s.fallback_max_size,
+            s.fallback_timeout,
+            s.fallback_max_redirects,
+        )
+    app.ctx.service = ImageService(
+        settings=s,
+        metrics=m,
+        executor=ThreadPoolExecutor(s.transform_threads, thread_name_prefix="imgproxy-vips"),
+        io_executor=ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io"),
+        cache=cache,
+        http=http,
+    )
+
+
+async def stop_worker(app: Sanic) -> None:
+    service: ImageService | None = getattr(app.ctx, "service", None)
+    if service is not None:
+        await service.drain()
+        service.executor.shutdown(wait=False, cancel_futures=True)
+        service.io_executor.shutdown(wait=True)
+        if service.cache is not None:
+            service.cache.close()
+    client = getattr(app.ctx, "http_client", None)
+    if client is not None:
+        await client.aclose()
+    mark_process_dead(os.getpid())
+
+
+async def health(request: Request) -> HTTPResponse:
+    return HTTPResponse("ok", content_type="text/plain; charset=utf-8")
+
+
+async def metrics(request: Request) -> HTTPResponse:
+    body = request.app.ctx.service.metrics.render()
+    return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
+
+
+def _format_label(path: str, reply: Reply | None) -> str:
+    if reply is not None and reply.content_type:
+        return reply.content_type.rpartition("/")[2]
+    name = path.rpartition("/")[2]
+    return EXTENSIONS.get(name.rpartition(".")[2].lower(), "unknown") if "." in name else "unknown"
+
+
+async def image(request: Request, path: str) -> HTTPResponse:
+    service: ImageService = request.app.ctx.service
+    settings: Settings = request.app.ctx.settings
+    started = time.perf_counter()
+    service.metrics.in_flight.inc()
+    reply: Reply | None = None
+    kind = "other"
+    try:
+        spec = params.parse(request.path, request.query_string, request.headers, settings)
+        if spec.format:
+            kind = "transform"
+        cond = Conditional(
+            request.headers.get("if-none-match"), request.headers.get("if-modified-since")
+        )
+        if spec.is_passthrough:
+            kind = "passthrough"
+            reply = await service.passthrough(spec, cond)
+        else:
+            kind = "transform"
+            reply = await service.transform(spec, cond)
+        response = await _respond(request, reply, settings)
+        status = reply.status
+    except ImgProxyError as exc:
+        response = error_response(exc)
+        status = exc.status
+    finally:
+        service.metrics.in_flight.dec()
+    sent = (
+        reply.size if reply is not None and reply.status == 200 and request.method == "GET" else 0
+    )
+    service.observe(
+        _format_label(path, reply), status_label(status), kind, time.perf_counter() - started, sent
+    )
+    return response
+
+
+async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
+    headers: dict[str, str] = {"Vary": "Sec-CH-DPR", "ETag": reply.etag}
+    if settings.cache_control:
+        headers["Cache-Control"] = settings.cache_control
+    if reply.last_modified is not None:
+        headers["Last-Modified"] = formatdate(reply.last_modified, usegmt=True)
+    if reply.x_cache:
+        headers["X-Cache"] = reply.x_cache
+    if reply.status == 304:
+        return HTTPResponse(status=304, headers=headers)
+    if reply.stream_path is None:
+        return HTTPResponse(reply.body, headers=headers, content_type=reply.content_type)
+    headers["Content-Length"] = str(reply.size)
+    response = await request.respond(headers=headers, content_type=reply.content_type)
+    if request.method != "HEAD":
+        async for chunk in stream_file(reply.stream_path):
+            await response.send(chunk)
+    await response.eof()
+    return response  # type: ignore[return-value]
+
+
+def error_response(exc: ImgProxyError) -> HTTPResponse:
+    """The one place an error becomes a response: text/plain, one line, no Cache-Control."""
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else {}
+    return HTTPResponse(
+        exc.reason, status=exc.status, headers=headers, content_type="text/plain; charset=utf-8"
+    )
+
+
+async def on_error(request: Request, exc: Exception) -> HTTPResponse:
+    if isinstance(exc, ImgProxyError):
+        return error_response(exc)
+    if isinstance(exc, SanicException):
+        status = exc.status_code
+        err = ImgProxyError(_REASONS.get(status, "bad request" if status < 500 else "server error"))
+        err.status = status
+        response = error_response(err)
+        if status == 405:
+            response.headers["Allow"] = "GET, HEAD"
+        return response
+    log.exception("unhandled error on %s", request.path)
+    return error_response(ImgProxyError())

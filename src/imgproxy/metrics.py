@@ -1,0 +1,129 @@
+"""The only prometheus_client importer.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (by `__main__` before any worker imports this module),
+every worker writes its values to mmap files in that directory and `/metrics` on any worker
+sums them all: one scrape is the whole service. Without it (tests, `sanic --dev`), values
+live in this process only. Labels are bounded: never a path or a host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """One set of metric objects per worker (created in `before_server_start`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        # names kept from the original so dashboards carry over
+        self.requests = Counter(
+            "image_requests",
+            "Image requests by output format and outcome",
+            ["format", "status"],
+            registry=r,
+        )
+        self.steps = Histogram(
+            "image_pipeline_step_duration_seconds",
+            "Time per transform step",
+            ["step"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        # added
+        self.duration = Histogram(
+            "image_request_duration_seconds",
+            "Image request latency by kind",
+            ["kind"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "image_requests_in_flight",
+            "Image requests being served",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.queue_depth = Gauge(
+            "image_transform_queue_depth",
+            "Transforms waiting for an executor thread",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.transforms_running = Gauge(
+            "image_transforms_running",
+            "Transforms running now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.transforms = Counter(
+            "image_transforms",
+            "Transforms rendered (cache misses that ran libvips)",
+            ["format"],
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "image_overload_rejections",
+            "Requests refused with 503 because the queue was full",
+            registry=r,
+        )
+        self.cache = Counter(
+            "image_cache_lookups",
+            "Transform cache lookups by tier and result",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "image_cache_errors",
+            "Cache tier failures (the request is still served)",
+            ["tier"],
+            registry=r,
+        )
+        self.fallback = Counter(
+            "image_fallback_fetches", "Fallback origin fetches by outcome", ["outcome"], registry=r
+        )
+        self.bytes_served = Counter(
+            "image_response_bytes", "Body bytes of image responses", ["kind"], registry=r
+        )
+
+    def render(self) -> bytes:
+        if multiprocess_dir():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop this worker's live gauges (in-flight, queue) from the multiprocess sum."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)
+
+
+def reset_directory(path: str) -> None:
+    """Create or wipe the multiprocess directory (main process, before any worker starts)."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))

@@ -1,0 +1,301 @@
+"""ImageService: one request's work, from a resolved spec to a Reply.
+
+    passthrough: locate (local, else fallback) -> conditional? 304 -> bytes -> sniff -> Reply
+    transform:   locate -> key -> conditional? 304 -> cache (memory, disk) -> single-flight
+                 -> admission (bounded queue, else 503) -> executor: read, sniff, pixel
+                 limit, transform.render -> cache put -> Reply
+
+Image work never runs on the event loop. Leaf modules report facts; this module turns them
+into metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from . import sniff, transform
+from .cache import Entry, TieredCache
+from .config import Settings
+from .errors import (
+    ImgProxyError,
+    NotFound,
+    Overloaded,
+    UnprocessableImage,
+    UnsupportedMediaType,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .metrics import Metrics
+from .params import TransformSpec
+from .sources import HttpSource, LocalSource, Located, read_file
+
+log = logging.getLogger("imgproxy")
+
+SMALL_FILE = 1024 * 1024  # read inline on the loop: a page-cached read beats a thread hop
+STREAM_FILE = 32 * 1024 * 1024  # bigger passthrough files are streamed, not held in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Conditional:
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int  # 200 or 304
+    content_type: str
+    etag: str
+    last_modified: float | None
+    kind: str  # "passthrough" | "transform"
+    body: bytes | None = None
+    stream_path: str | None = None  # large passthrough file, streamed
+    size: int = 0
+    x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    bare = etag.removeprefix("W/")
+    return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
+
+
+def _not_modified(cond: Conditional, etag: str, mtime: float | None) -> bool:
+    if cond.if_none_match is not None:  # RFC 9110: If-None-Match wins over If-Modified-Since
+        return _etag_matches(cond.if_none_match, etag)
+    if cond.if_modified_since and mtime is not None:
+        try:
+            since = parsedate_to_datetime(cond.if_modified_since).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False
+        return int(mtime) <= since
+    return False
+
+
+class ImageService:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        io_executor: ThreadPoolExecutor,
+        cache: TieredCache | None = None,
+        http: HttpSource | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.executor = executor
+        self.io_executor = io_executor
+        self.cache = cache
+        self.local = LocalSource(settings.root_path)
+        self.http = http
+        self.encode = transform.EncodeOptions(
+            jpeg_quality=settings.jpeg_quality,
+            webp_quality=settings.webp_quality,
+            webp_effort=settings.webp_effort,
+            avif_quality=settings.avif_quality,
+            avif_effort=settings.avif_effort,
+            png_compression=settings.png_compression,
+        )
+        self.capacity = settings.transform_threads + settings.transform_queue
+        self.pending = 0  # transforms submitted and not finished (running + waiting)
+        self._inflight: dict[str, asyncio.Task[Entry]] = {}
+        self._background: set[asyncio.Future[None]] = set()
+
+    # -- sources -------------------------------------------------------------------------
+
+    async def locate(self, rel: str) -> Located:
+        try:
+            return self.local.locate(rel)
+        except NotFound:
+            if self.http is None:
+                raise
+        try:
+            located = await self.http.fetch(rel)
+        except NotFound:
+            self.metrics.fallback.labels("not_found").inc()
+            raise
+        except UpstreamTimeout:
+            self.metrics.fallback.labels("timeout").inc()
+            raise
+        except UpstreamError:
+            self.metrics.fallback.labels("error").inc()
+            raise
+        self.metrics.fallback.labels("ok").inc()
+        return located
+
+    def _not_an_image(self, located: Located) -> ImgProxyError:
+        if located.origin == "fallback":
+            self.metrics.fallback.labels("not_image").inc()
+            return UpstreamError("fallback origin did not send a supported image")
+        return UnsupportedMediaType("not a supported image")
+
+    # -- passthrough ---------------------------------------------------------------------
+
+    async def passthrough(self, spec: TransformSpec, cond: Conditional) -> Reply:
+        located = await self.locate(spec.path)
+        etag = f'"{located.identity}"'
+        stream_path = None
+        if located.data is not None:
+            data: bytes | None = located.data
+            head = located.data[: sniff.SNIFF_BYTES]
+        elif located.size > STREAM_FILE:
+            data, stream_path = None, located.path
+            head = read_file(located.path or "", sniff.SNIFF_BYTES)
+        elif located.size > SMALL_FILE:
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self.io_executor, read_file, located.path)
+            head = data[: sniff.SNIFF_BYTES]
+        else:
+            data = read_file(located.path or "")
+            head = data[: sniff.SNIFF_BYTES]
+        kind = sniff.sniff(head)
+        if kind is None:
+            raise self._not_an_image(located)
+        reply = Reply(
+            status=200,
+            content_type=sniff.CONTENT_TYPES[kind],
+            etag=etag,
+            last_modified=located.mtime,
+            kind="passthrough",
+            body=data,
+            stream_path=stream_path,
+            size=located.size if data is None else len(data),
+        )
+        if _not_modified(cond, etag, located.mtime):
+            reply.status, reply.body, reply.stream_path = 304, None, None
+        return reply
+
+    # -- transform -----------------------------------------------------------------------
+
+    async def transform(self, spec: TransformSpec, cond: Conditional) -> Reply:
+        located = await self.locate(spec.path)
+        key = spec.cache_key(located.identity)
+        etag = f'"{key[:40]}"'
+        if _not_modified(cond, etag, located.mtime):
+            ctype = sniff.CONTENT_TYPES.get(spec.format or "", "")
+            return Reply(304, ctype, etag, located.mtime, "transform")
+
+        x_cache = None
+        entry = None
+        if self.cache is not None:
+            entry = await self._cache_get(key)
+            x_cache = "HIT" if entry is not None else "MISS"
+        if entry is None:
+            entry = await self._single_flight(key, located, spec)
+        body, ctype = entry
+        return Reply(
+            status=200,
+            content_type=ctype,
+            etag=etag,
+            last_modified=located.mtime,
+            kind="transform",
+            body=body,
+            size=len(body),
+            x_cache=x_cache,
+        )
+
+    async def _cache_get(self, key: str) -> Entry | None:
+        assert self.cache is not None
+        entry = self.cache.get_memory(key)
+        if entry is not None:
+            self.metrics.cache.labels("memory", "hit").inc()
+            return entry
+        self.metrics.cache.labels("memory", "miss").inc()
+        if self.cache.disk is None or not self.cache.disk.available:
+            return None
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(self.io_executor, self.cache.get_disk, key)
+        self.metrics.cache.labels("disk", "hit" if entry is not None else "miss").inc()
+        if entry is not None:
+            self.cache.put_memory(key, entry)  # promote
+        return entry
+
+    async def _single_flight(self, key: str, located: Located, spec: TransformSpec) -> Entry:
+        """Identical concurrent misses share one render; the render outlives a client that
+        disconnects, so its result still reaches the cache."""
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._render_and_store(key, located, spec))
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: (self._inflight.pop(key, None), t.exception()))
+        return await asyncio.shield(task)
+
+    async def _render_and_store(self, key: str, located: Located, spec: TransformSpec) -> Entry:
+        if self.pending >= self.capacity:
+            self.metrics.overloaded.inc()
+            raise Overloaded()
+        self.pending += 1
+        waiting = self.pending > self.settings.transform_threads
+        if waiting:
+            self.metrics.queue_depth.inc()
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            rendered = await loop.run_in_executor(
+                self.executor, self._render_job, located, spec, started, waiting
+            )
+        finally:
+            self.pending -= 1
+        for step, seconds in rendered.steps.items():
+            self.metrics.steps.labels(step).observe(seconds)
+        self.metrics.transforms.labels(rendered.format).inc()
+        entry = (rendered.data, sniff.CONTENT_TYPES[rendered.format])
+        if self.cache is not None:
+            self.cache.put_memory(key, entry)
+            if self.cache.disk is not None and self.cache.disk.available:
+                fut = loop.run_in_executor(self.io_executor, self.cache.put_disk, key, entry)
+                self._background.add(fut)
+                fut.add_done_callback(self._background.discard)
+        return entry
+
+    def _render_job(
+        self, located: Located, spec: TransformSpec, queued_at: float, waiting: bool
+    ) -> transform.Rendered:
+        """Runs in an executor thread: read, sniff, check limits, transform."""
+        if waiting:
+            self.metrics.queue_depth.dec()
+        self.metrics.transforms_running.inc()
+        try:
+            limit = self.settings.max_source_bytes
+            if located.size > limit:
+                raise UnprocessableImage("image file too large")
+            data = located.data if located.data is not None else read_file(located.path or "")
+            kind = sniff.sniff(data[: sniff.SNIFF_BYTES])
+            if kind is None:
+                raise self._not_an_image(located)
+            dims = sniff.dimensions(data, kind)
+            if dims is not None and dims[0] * dims[1] > self.settings.max_source_pixels:
+                raise UnprocessableImage(
+                    f"image too large: {dims[0]}x{dims[1]} is over the pixel limit"
+                )
+            return transform.render(
+                data,
+                kind,
+                spec.format or kind,
+                spec.target,
+                spec.algorithm,
+                self.settings.max_source_pixels,
+                self.encode,
+            )
+        finally:
+            self.metrics.transforms_running.dec()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def observe(self, fmt: str, status: str, kind: str, seconds: float, nbytes: int) -> None:
+        self.metrics.requests.labels(fmt, status).inc()
+        self.metrics.duration.labels(kind).observe(seconds)
+        if nbytes:
+            self.metrics.bytes_served.labels(kind).inc(nbytes)
+
+    async def drain(self) -> None:
+        """Wait for background cache writes (called on shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
