@@ -65,7 +65,28 @@ def serve(settings: Settings) -> None:
     Sanic.serve(primary=app, app_loader=loader)
 
 
+def python_mismatch() -> str | None:
+    """The .pyz holds compiled extensions for one CPython minor (recorded by build/shiv.sh in
+    `imgproxy._build`, absent outside a .pyz): say so plainly instead of an ImportError later."""
+    try:
+        from ._build import PYTHON  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    want = ".".join(map(str, PYTHON))
+    if sys.implementation.name == "cpython" and sys.version_info[:2] == tuple(PYTHON):
+        return None
+    have = f"{sys.implementation.name} {sys.version.split()[0]} ({sys.executable})"
+    return (
+        f"imgproxy: this .pyz was built for CPython {want} and contains compiled modules for it "
+        f"only, but runs on {have}.\nimgproxy: run it as `python{want} {sys.argv[0]}` "
+        f"or rebuild it with build/shiv.sh."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    if problem := python_mismatch():  # before anything imports sanic or pyvips
+        print(problem, file=sys.stderr)
+        return 1
     args = sys.argv[1:] if argv is None else argv
     if args in (["--version"], ["-V"]):
         print(f"imgproxy {__version__}")
