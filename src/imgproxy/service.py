@@ -107,6 +107,7 @@ class ImageService:
         self.pending = 0  # transforms submitted and not finished (running + waiting)
         self._inflight: dict[str, asyncio.Task[Entry]] = {}
         self._background: set[asyncio.Future[None]] = set()
+        self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
 
     # -- sources -------------------------------------------------------------------------
 
@@ -210,6 +211,10 @@ class ImageService:
         self.metrics.cache.labels("memory", "miss").inc()
         if self.cache.disk is None or not self.cache.disk.available:
             return None
+        entry = self._writing.get(key)
+        if entry is not None:  # rendered here a moment ago, on its way to disk
+            self.metrics.cache.labels("disk", "hit").inc()
+            return entry
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(self.io_executor, self.cache.get_disk, key)
         self.metrics.cache.labels("disk", "hit" if entry is not None else "miss").inc()
@@ -250,9 +255,12 @@ class ImageService:
         if self.cache is not None:
             self.cache.put_memory(key, entry)
             if self.cache.disk is not None and self.cache.disk.available:
+                self._writing[key] = entry
                 fut = loop.run_in_executor(self.io_executor, self.cache.put_disk, key, entry)
                 self._background.add(fut)
-                fut.add_done_callback(self._background.discard)
+                fut.add_done_callback(
+                    lambda f: (self._background.discard(f), self._writing.pop(key, None))
+                )
         return entry
 
     def _render_job(

@@ -1,0 +1,185 @@
+"""The transform cache: tiers, keys, freshness, degradation and single-flight."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from conftest import Server, photo
+from imgproxy.cache import MemoryTier
+
+CACHE_ON = {"IMAGE_PROXY_ENABLE_CACHE": "true"}
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """Sum of one metric's samples matching `labels` in a /metrics scrape."""
+    total = 0.0
+    for line in server.get("/metrics").text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    photo(400, 300).jpegsave(str(root / "a.jpg"))
+    photo(200, 100).jpegsave(str(root / "b.jpg"))
+    return root
+
+
+def test_memory_tier_lru_by_bytes() -> None:
+    tier = MemoryTier(max_bytes=10, max_item=6)
+    assert tier.put("a", (b"aaaa", "t")) and tier.put("b", (b"bbbb", "t"))
+    assert tier.get("a") is not None  # a is now the most recent
+    assert tier.put("c", (b"cccc", "t"))  # evicts b (least recent)
+    assert tier.get("b") is None and tier.get("a") is not None and tier.size == 8
+    assert not tier.put("big", (b"x" * 7, "t"))  # over max_item: skipped
+    assert tier.get("big") is None
+
+
+def test_miss_then_hit(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, **CACHE_ON)
+    first = s.get("/a.jpg?size=100&format=webp")
+    second = s.get("/a.jpg?size=100&format=webp")
+    assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
+    assert first.body == second.body
+    assert second.headers["content-type"] == "image/webp"
+    assert second.headers["etag"] == first.headers["etag"]
+    assert metric(s, "image_cache_lookups_total", tier="memory", result="hit") == 1
+    assert metric(s, "image_transforms_total") == 1
+
+
+def test_no_x_cache_when_disabled_or_passthrough(
+    serve: Callable[..., Server], images: Path
+) -> None:
+    assert "x-cache" not in serve(images).get("/a.jpg?size=100").headers
+    assert "x-cache" not in serve(images, **CACHE_ON).get("/a.jpg").headers
+
+
+def test_key_ignores_noise_but_not_dpr_header(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, **CACHE_ON)
+    assert s.get("/a.jpg?size=100&v=1").headers["x-cache"] == "MISS"
+    assert s.get("/a.jpg?v=2&size=100&utm_source=x").headers["x-cache"] == "HIT"
+    assert s.get("/a.jpg?size=50&dpr=2").headers["x-cache"] == "HIT"  # same target edge
+    r = s.get("/a.jpg?size=100", headers={"Sec-CH-DPR": "2"})
+    assert r.headers["x-cache"] == "MISS"
+    assert pyvips.Image.new_from_buffer(r.body, "").width == 200
+    assert s.get("/a.jpg?size=100&format=png").headers["x-cache"] == "MISS"
+
+
+def test_changed_source_is_never_served_stale(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, **CACHE_ON)
+    old = s.get("/a.jpg?size=100&format=png")
+    photo(300, 300).jpegsave(str(images / "a.jpg"))  # new content, new size
+    st = (images / "a.jpg").stat()
+    os.utime(images / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    new = s.get("/a.jpg?size=100&format=png")
+    assert new.headers["x-cache"] == "MISS"
+    assert pyvips.Image.new_from_buffer(new.body, "").height == 100
+    assert new.body != old.body and new.headers["etag"] != old.headers["etag"]
+    (images / "a.jpg").unlink()
+    assert s.get("/a.jpg?size=100&format=png").status == 404
+
+
+def test_touched_source_renders_again(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, **CACHE_ON)
+    s.get("/b.jpg?size=50")
+    os.utime(images / "b.jpg", (time.time() + 5, time.time() + 5))
+    assert s.get("/b.jpg?size=50").headers["x-cache"] == "MISS"
+    assert metric(s, "image_transforms_total") == 2
+
+
+def test_items_over_max_item_skip_memory(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, IMAGE_PROXY_CACHE_MAX_ITEM_SIZE="100", **CACHE_ON)
+    assert s.get("/a.jpg?size=200&format=png").headers["x-cache"] == "MISS"
+    assert s.get("/a.jpg?size=200&format=png").headers["x-cache"] == "MISS"
+
+
+def disk_env(path: Path) -> dict[str, str]:
+    return {
+        **CACHE_ON,
+        "IMAGE_PROXY_ENABLE_DISK_CACHE": "true",
+        "IMAGE_PROXY_CACHE_DISK_PATH": str(path),
+        "IMAGE_PROXY_CACHE_MEMORY_SIZE": "0",  # every hit below must come from disk
+    }
+
+
+def wait_for_hit(s: Server, url: str) -> None:
+    for _ in range(100):
+        if s.get(url).headers.get("x-cache") == "HIT":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{url} never became a HIT")
+
+
+def test_disk_tier_hits(serve: Callable[..., Server], images: Path, tmp_path: Path) -> None:
+    s = serve(images, **disk_env(tmp_path / "cache"))
+    assert s.get("/a.jpg?size=64&format=avif").headers["x-cache"] == "MISS"
+    wait_for_hit(s, "/a.jpg?size=64&format=avif")
+    assert metric(s, "image_cache_lookups_total", tier="disk", result="hit") >= 1
+    assert metric(s, "image_transforms_total") == 1
+
+
+def test_disk_only_needs_enable_cache(
+    serve: Callable[..., Server], images: Path, tmp_path: Path
+) -> None:
+    s = serve(
+        images,
+        IMAGE_PROXY_ENABLE_DISK_CACHE="true",
+        IMAGE_PROXY_CACHE_DISK_PATH=str(tmp_path / "c"),
+    )
+    assert "x-cache" not in s.get("/a.jpg?size=64").headers
+    assert not (tmp_path / "c").exists()
+
+
+def test_deleted_cache_directory_does_not_break_requests(
+    serve: Callable[..., Server], images: Path, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    s = serve(images, **disk_env(cache_dir))
+    s.get("/a.jpg?size=64")
+    wait_for_hit(s, "/a.jpg?size=64")
+    shutil.rmtree(cache_dir)
+    r = s.get("/a.jpg?size=64")
+    assert r.status == 200 and r.headers["x-cache"] == "MISS"
+    assert pyvips.Image.new_from_buffer(r.body, "").width == 64
+    wait_for_hit(s, "/a.jpg?size=64")  # reopened in a fresh directory
+    assert cache_dir.is_dir()
+    shutil.rmtree(cache_dir)  # twice: dropped for good, still serving
+    for _ in range(3):
+        assert s.get("/a.jpg?size=65").status == 200
+
+
+def test_unusable_cache_directory_degrades(
+    serve: Callable[..., Server], images: Path, tmp_path: Path
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    s = serve(images, **{**disk_env(not_a_dir), "IMAGE_PROXY_CACHE_MEMORY_SIZE": "1000000"})
+    assert s.get("/a.jpg?size=64").headers["x-cache"] == "MISS"
+    assert s.get("/a.jpg?size=64").headers["x-cache"] == "HIT"  # memory still works
+    assert metric(s, "image_cache_errors_total", tier="disk") >= 1
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_single_flight(serve: Callable[..., Server], images: Path, cache: bool) -> None:
+    s = serve(images, **(CACHE_ON if cache else {}))
+    url = "/a.jpg?size=300&format=avif&resize_algorithm=lanczos3"
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: s.raw(url), range(20)))
+    assert {r.status for r in responses} == {200}
+    assert len({r.body for r in responses}) == 1
+    assert metric(s, "image_transforms_total") == 1

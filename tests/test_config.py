@@ -1,0 +1,142 @@
+"""Settings.from_env: defaults, ranges, booleans, and one message listing every bad variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgproxy.__main__ import help_text, main
+from imgproxy.config import VARS, ConfigError, Settings
+
+
+def env(root: Path, **kw: str) -> dict[str, str]:
+    return {"IMAGE_PROXY_ROOT_PATH": str(root), **kw}
+
+
+def test_defaults_match_the_seed(tmp_path: Path) -> None:
+    s = Settings.from_env(env(tmp_path))
+    assert s.bind == ("0.0.0.0", 8000)
+    assert (s.avif_speed, s.avif_quality, s.jpeg_quality) == (6, 85, 75)
+    assert (s.webp_quality, s.webp_effort, s.png_compression) == (80, 4, 6)
+    assert s.resize_algorithm == "auto"
+    assert s.enable_cache is False and s.enable_disk_cache is False
+    assert s.cache_memory_size == 104857600 and s.cache_max_item_size == 1048576
+    assert s.cache_disk_size == 536870912 and s.cache_disk_path == "./cache"
+    assert s.cache_control == "public, max-age=31536000, no-transform"
+    assert s.fallback_url == "" and s.fallback_max_size == 5242880
+    assert s.strip_path == ""
+    assert s.log_level == "INFO"
+    assert s.workers >= 1 and s.transform_threads >= 1
+    assert s.max_source_pixels == 8192 * 8192
+
+
+@pytest.mark.parametrize("raw", ["true", "TRUE", "1", "yes", "On", " on "])
+def test_booleans_true(tmp_path: Path, raw: str) -> None:
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).enable_cache is True
+
+
+@pytest.mark.parametrize("raw", ["false", "False", "0", "no", "OFF"])
+def test_booleans_false(tmp_path: Path, raw: str) -> None:
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).enable_cache is False
+
+
+def test_every_bad_variable_is_listed_at_once(tmp_path: Path) -> None:
+    bad = env(
+        tmp_path,
+        IMAGE_PROXY_JPEG_QUALITY="abc",
+        IMAGE_PROXY_AVIF_SPEED="11",
+        IMAGE_PROXY_WEBP_EFFORT="-1",
+        IMAGE_PROXY_ENABLE_CACHE="maybe",
+        IMAGE_PROXY_BIND_ADDRESS="nowhere",
+        IMAGE_PROXY_RESIZE_ALGORITHM="bicubic",
+        IMAGE_PROXY_FALLBACK_IMAGE_URL="ftp://x/",
+    )
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(bad)
+    message = str(info.value)
+    for name in (
+        "IMAGE_PROXY_JPEG_QUALITY='abc'",
+        "IMAGE_PROXY_AVIF_SPEED='11'",
+        "IMAGE_PROXY_WEBP_EFFORT='-1'",
+        "IMAGE_PROXY_ENABLE_CACHE='maybe'",
+        "IMAGE_PROXY_BIND_ADDRESS='nowhere'",
+        "IMAGE_PROXY_RESIZE_ALGORITHM='bicubic'",
+        "IMAGE_PROXY_FALLBACK_IMAGE_URL='ftp://x/'",
+    ):
+        assert name in message
+    assert "allowed 1..10" in message
+    assert len(info.value.problems) == 7
+
+
+def test_missing_root_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="IMAGE_PROXY_ROOT_PATH"):
+        Settings.from_env({"IMAGE_PROXY_ROOT_PATH": str(tmp_path / "nope")})
+
+
+def test_ranges_edges(tmp_path: Path) -> None:
+    s = Settings.from_env(
+        env(tmp_path, IMAGE_PROXY_AVIF_SPEED="10", IMAGE_PROXY_PNG_COMPRESSION_LEVEL="0")
+    )
+    assert s.avif_speed == 10 and s.avif_effort == 0
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_AVIF_SPEED="1")).avif_effort == 8
+    assert Settings.from_env(env(tmp_path)).avif_effort == 3  # AV1 speed 6
+    with pytest.raises(ConfigError):
+        Settings.from_env(env(tmp_path, IMAGE_PROXY_PNG_COMPRESSION_LEVEL="10"))
+    with pytest.raises(ConfigError):
+        Settings.from_env(env(tmp_path, IMAGE_PROXY_JPEG_QUALITY="1.5"))
+
+
+def test_bind_address_forms(tmp_path: Path) -> None:
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="[::]:9000")).bind == (
+        "::",
+        9000,
+    )
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="127.0.0.1:1")).bind == (
+        "127.0.0.1",
+        1,
+    )
+    with pytest.raises(ConfigError):
+        Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="127.0.0.1:70000"))
+
+
+def test_log_level_and_rust_log(tmp_path: Path) -> None:
+    assert Settings.from_env(env(tmp_path, RUST_LOG="debug")).log_level == "DEBUG"
+    assert Settings.from_env(env(tmp_path, RUST_LOG="image_proxy=warn")).log_level == "WARNING"
+    both = env(tmp_path, RUST_LOG="debug", IMAGE_PROXY_LOG_LEVEL="ERROR")
+    assert Settings.from_env(both).log_level == "ERROR"
+    with pytest.raises(ConfigError, match=r"IMAGE_PROXY_LOG_LEVEL"):
+        Settings.from_env(env(tmp_path, IMAGE_PROXY_LOG_LEVEL="loud"))
+
+
+def test_empty_cache_control_means_no_header(tmp_path: Path) -> None:
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_CACHE_CONTROL_HEADER="")).cache_control == ""
+
+
+def test_fallback_url_gets_trailing_slash(tmp_path: Path) -> None:
+    s = Settings.from_env(env(tmp_path, IMAGE_PROXY_FALLBACK_IMAGE_URL="https://ex.com/images"))
+    assert s.fallback_url == "https://ex.com/images/"
+
+
+def test_strip_path_normalised(tmp_path: Path) -> None:
+    s = Settings.from_env(env(tmp_path, IMAGE_PROXY_STRIP_PATH="/static/image/"))
+    assert s.strip_path == "static/image"
+
+
+def test_help_lists_every_variable() -> None:
+    text = help_text()
+    for var in VARS:
+        assert var.env in text
+
+
+def test_cli_check_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGE_PROXY_ROOT_PATH", str(tmp_path))
+    assert main(["--check-config"]) == 0
+    monkeypatch.setenv("IMAGE_PROXY_JPEG_QUALITY", "high")
+    monkeypatch.setenv("IMAGE_PROXY_WORKERS", "0")
+    assert main(["--check-config"]) == 1
+    err = capsys.readouterr().err
+    assert "IMAGE_PROXY_JPEG_QUALITY='high'" in err and "IMAGE_PROXY_WORKERS='0'" in err
+    assert main(["--bogus"]) == 2

@@ -1,0 +1,84 @@
+"""DESIGN.md's import rules, pinned: each third-party library has one owner module, and
+leaf modules never import each other sideways."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "imgproxy"
+
+OWNERS = {
+    "pyvips": {"transform"},
+    "httpx": {"sources", "app"},  # app creates the per-worker client in a listener
+    "aiofiles": {"sources"},
+    "diskcache": {"cache"},
+    "prometheus_client": {"metrics"},
+    "sanic": {"app", "__main__"},
+}
+# module -> the project modules it may import
+ALLOWED = {
+    "errors": set(),
+    "config": set(),
+    "sniff": set(),
+    "params": {"config", "errors", "sniff"},
+    "sources": {"errors"},
+    "transform": {"errors"},
+    "cache": set(),
+    "metrics": set(),
+    "service": {"cache", "config", "errors", "metrics", "params", "sniff", "sources", "transform"},
+    "app": {
+        "__init__",
+        "cache",
+        "config",
+        "errors",
+        "metrics",
+        "params",
+        "service",
+        "sniff",
+        "sources",
+        "transform",
+    },
+    "__main__": {"__init__", "app", "config", "metrics"},
+    "__init__": set(),
+}
+
+
+def imports(module: str) -> tuple[set[str], set[str]]:
+    tree = ast.parse((SRC / f"{module}.py").read_text())
+    third, local = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            third |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if node.module:
+                    local.add(node.module.split(".")[0])
+                else:
+                    local |= {a.name if a.name != "__version__" else "__init__" for a in node.names}
+            elif node.module:
+                third.add(node.module.split(".")[0])
+    return third, local
+
+
+def test_every_module_is_known() -> None:
+    assert {p.stem for p in SRC.glob("*.py")} <= set(ALLOWED)
+
+
+def test_third_party_libraries_have_one_owner() -> None:
+    for module in ALLOWED:
+        if not (SRC / f"{module}.py").exists():
+            continue
+        third, _ = imports(module)
+        for lib, owners in OWNERS.items():
+            if lib in third:
+                assert module in owners, f"{module} imports {lib}"
+
+
+def test_direction_of_imports() -> None:
+    for module, allowed in ALLOWED.items():
+        if not (SRC / f"{module}.py").exists():
+            continue
+        _, local = imports(module)
+        local.discard("__version__")
+        assert local <= allowed, f"{module} imports {local - allowed}"
