@@ -174,9 +174,8 @@ def test_unusable_cache_directory_degrades(
     assert metric(s, "image_cache_errors_total", tier="disk") >= 1
 
 
-@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
-def test_single_flight(serve: Callable[..., Server], images: Path, cache: bool) -> None:
-    s = serve(images, **(CACHE_ON if cache else {}))
+def test_single_flight(serve: Callable[..., Server], images: Path) -> None:
+    s = serve(images, **CACHE_ON)
     url = "/a.jpg?size=300&format=avif&resize_algorithm=lanczos3"
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(lambda _: s.raw(url), range(20)))
