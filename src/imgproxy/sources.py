@@ -112,11 +112,14 @@ class HttpSource:
 
     def _check(self, url: httpx.URL) -> None:
         b = self.base
-        if (url.scheme, url.host, url.port) != (
-            b.scheme,
-            b.host,
-            b.port,
-        ) or not url.path.startswith(b.path):
+        # `url.path` is percent-decoded: a redirect to `/base/%2e%2e/x` or `/base/..%2fx`
+        # starts with the base but leaves it once the origin decodes it.
+        segments = url.path.split("/")
+        if (
+            (url.scheme, url.host, url.port) != (b.scheme, b.host, b.port)
+            or not url.path.startswith(b.path)
+            or any(s in (".", "..") or "\\" in s or "\x00" in s for s in segments)
+        ):
             raise UpstreamError("fallback origin redirected outside its base URL")
 
     async def fetch(self, rel: str) -> Located:
@@ -124,10 +127,7 @@ class HttpSource:
         try:
             async with asyncio.timeout(self.timeout):  # total time: read timeouts are per chunk
                 for _ in range(self.max_redirects + 1):
-                    request = self.client.build_request(
-                        "GET", url, headers={"Accept-Encoding": "identity"}
-                    )
-                    response = await self.client.send(request, stream=True)
+                    response = await self._send(url)
                     try:
                         if response.is_redirect and "location" in response.headers:
                             url = url.join(response.headers["location"])
@@ -143,6 +143,18 @@ class HttpSource:
             raise UpstreamTimeout() from None
         except httpx.HTTPError:
             raise UpstreamError("fallback origin unreachable") from None
+
+    async def _send(self, url: httpx.URL) -> httpx.Response:
+        def request() -> httpx.Request:
+            return self.client.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+
+        try:
+            return await self.client.send(request(), stream=True)
+        except httpx.RemoteProtocolError:
+            # A pooled keep-alive connection can hold bytes an earlier response sent past its
+            # Content-Length; httpx then fails the *next* request on it. That connection is
+            # closed now: retry once on a fresh one (GET is idempotent).
+            return await self.client.send(request(), stream=True)
 
     async def _read(self, response: httpx.Response) -> Located:
         if response.status_code in (404, 410):
