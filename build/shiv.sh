@@ -71,7 +71,7 @@ PY
 # direct_url.json records the random temp path of the wheel; bin/ scripts carry the build
 # interpreter's absolute path in their shebang: drop both (the pyz runs imgproxy's entry point)
 rm -rf "$sp"/bin "$sp"/imgproxy-*.dist-info/direct_url.json
-sed -i -E '/direct_url\.json/d; /^(\.\./)+bin\//d' "$sp"/*.dist-info/RECORD
+sed -i -E '/direct_url\.json/d; \#^(\.\./)+bin/#d' "$sp"/*.dist-info/RECORD
 
 # 3. the Python minor this pyz was built for, checked by imgproxy.__main__ before any
 #    extension module is imported (generated here only, never committed under src/)
