@@ -325,3 +325,21 @@ def test_server_survives_a_burst_of_bad_requests(server: Server) -> None:
             assert r.status < 500, (path, r.status, r.body)
     assert server.get("/health").status == 200
     assert dims(server.get("/landscape.jpg?size=40").body) == (40, 30)
+
+
+def test_passthrough_memo_sees_a_rewritten_file(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    root = tmp_path / "rw"
+    root.mkdir()
+    photo(30, 20).pngsave(str(root / "x.png"))
+    s = serve(root)
+    first = s.get("/x.png")
+    assert first.body == (root / "x.png").read_bytes()
+    photo(60, 40).jpegsave(str(root / "x.png"))  # same name, now a JPEG of another size
+    second = s.get("/x.png")
+    assert second.body == (root / "x.png").read_bytes()
+    assert second.headers["content-type"] == "image/jpeg"
+    assert second.headers["etag"] != first.headers["etag"]
+    (root / "x.png").unlink()
+    assert s.get("/x.png").status == 404

@@ -48,7 +48,7 @@ _REASONS = {
 }
 
 
-def create_app(settings: Settings | None = None) -> Sanic:
+def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     # `sanic imgproxy.app:create_app --factory` passes its argparse Namespace: ignore it.
     if not isinstance(settings, Settings):
         settings = Settings.from_env()
@@ -69,7 +69,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-async def start_worker(app: Sanic) -> None:
+async def start_worker(app: Sanic[Any, Any]) -> None:
     s: Settings = app.ctx.settings
     transform.configure(s.vips_concurrency)
     m = Metrics()
@@ -107,7 +107,7 @@ async def start_worker(app: Sanic) -> None:
     )
 
 
-async def stop_worker(app: Sanic) -> None:
+async def stop_worker(app: Sanic[Any, Any]) -> None:
     service: ImageService | None = getattr(app.ctx, "service", None)
     if service is not None:
         await service.drain()
@@ -191,7 +191,7 @@ async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPRe
         async for chunk in stream_file(reply.stream_path):
             await response.send(chunk)
     await response.eof()
-    return response  # type: ignore[return-value]
+    return response  # type: ignore[no-any-return]
 
 
 def error_response(exc: ImgProxyError) -> HTTPResponse:

@@ -353,6 +353,14 @@ VARS: tuple[Var, ...] = (
         "disk tier directory (local disk, not NFS)",
         "Cache",
     ),
+    Var(
+        "IMAGE_PROXY_PASSTHROUGH_CACHE_SIZE",
+        "passthrough_cache_size",
+        str(64 * MiB),
+        _int(0, 1 << 40),
+        "per-worker memory for original files up to 1 MiB (revalidated by size+mtime per request)",
+        "Cache",
+    ),
     # limits
     Var(
         "IMAGE_PROXY_MAX_SOURCE_PIXELS",
@@ -427,6 +435,7 @@ class Settings:
     enable_disk_cache: bool
     cache_disk_size: int
     cache_disk_path: str
+    passthrough_cache_size: int
     # limits
     max_source_pixels: int
     max_source_bytes: int

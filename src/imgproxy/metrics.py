@@ -109,7 +109,7 @@ class Metrics:
     def render(self) -> bytes:
         if multiprocess_dir():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
 
@@ -117,7 +117,7 @@ class Metrics:
 def mark_process_dead(pid: int) -> None:
     """Drop this worker's live gauges (in-flight, queue) from the multiprocess sum."""
     if multiprocess_dir():
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def reset_directory(path: str) -> None:

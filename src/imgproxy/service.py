@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 from . import sniff, transform
-from .cache import Entry, TieredCache
+from .cache import Entry, MemoryTier, TieredCache
 from .config import Settings
 from .errors import (
     ImgProxyError,
@@ -33,6 +33,7 @@ from .errors import (
 from .metrics import Metrics
 from .params import TransformSpec
 from .sources import HttpSource, LocalSource, Located, read_file
+from .transform import Rendered
 
 log = logging.getLogger("imgproxy")
 
@@ -108,6 +109,8 @@ class ImageService:
         self._inflight: dict[str, asyncio.Task[Entry]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
+        # passthrough bytes of small local files, validated by (size, mtime) on every request
+        self.files = MemoryTier(settings.passthrough_cache_size, SMALL_FILE)
 
     # -- sources -------------------------------------------------------------------------
 
@@ -142,36 +145,43 @@ class ImageService:
     async def passthrough(self, spec: TransformSpec, cond: Conditional) -> Reply:
         located = await self.locate(spec.path)
         etag = f'"{located.identity}"'
-        stream_path = None
+        reply = Reply(200, "", etag, located.mtime, "passthrough", size=located.size)
         if located.data is not None:
-            data: bytes | None = located.data
-            head = located.data[: sniff.SNIFF_BYTES]
+            body, ctype = located.data, self._sniffed(located, located.data)
         elif located.size > STREAM_FILE:
-            data, stream_path = None, located.path
-            head = read_file(located.path or "", sniff.SNIFF_BYTES)
-        elif located.size > SMALL_FILE:
-            loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(self.io_executor, read_file, located.path)
-            head = data[: sniff.SNIFF_BYTES]
+            reply.stream_path = located.path
+            body, ctype = b"", self._sniffed(located, read_file(located.path or "", 64))
         else:
-            data = read_file(located.path or "")
-            head = data[: sniff.SNIFF_BYTES]
-        kind = sniff.sniff(head)
+            body, ctype = await self._read_small(located)
+        reply.content_type = ctype
+        if _not_modified(cond, etag, located.mtime):
+            reply.status, reply.stream_path = 304, None
+        elif reply.stream_path is None:
+            reply.body, reply.size = body, len(body)
+        return reply
+
+    def _sniffed(self, located: Located, head: bytes) -> str:
+        kind = sniff.sniff(head[: sniff.SNIFF_BYTES])
         if kind is None:
             raise self._not_an_image(located)
-        reply = Reply(
-            status=200,
-            content_type=sniff.CONTENT_TYPES[kind],
-            etag=etag,
-            last_modified=located.mtime,
-            kind="passthrough",
-            body=data,
-            stream_path=stream_path,
-            size=located.size if data is None else len(data),
-        )
-        if _not_modified(cond, etag, located.mtime):
-            reply.status, reply.body, reply.stream_path = 304, None, None
-        return reply
+        return sniff.CONTENT_TYPES[kind]
+
+    async def _read_small(self, located: Located) -> Entry:
+        """A local file's bytes and sniffed type, from the per-worker file memo when its
+        (size, mtime) identity still matches: a stat per request, no read, no sniff."""
+        key = f"{located.path}\x00{located.identity}"
+        entry = self.files.get(key)
+        if entry is not None:
+            return entry
+        path = located.path or ""
+        if located.size > SMALL_FILE:
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self.io_executor, read_file, path)
+        else:
+            body = read_file(path)
+        entry = (body, self._sniffed(located, body))
+        self.files.put(key, entry)
+        return entry
 
     # -- transform -----------------------------------------------------------------------
 
@@ -258,14 +268,16 @@ class ImageService:
                 self._writing[key] = entry
                 fut = loop.run_in_executor(self.io_executor, self.cache.put_disk, key, entry)
                 self._background.add(fut)
-                fut.add_done_callback(
-                    lambda f: (self._background.discard(f), self._writing.pop(key, None))
-                )
+                fut.add_done_callback(lambda f: self._write_done(f, key))
         return entry
+
+    def _write_done(self, fut: asyncio.Future[None], key: str) -> None:
+        self._background.discard(fut)
+        self._writing.pop(key, None)
 
     def _render_job(
         self, located: Located, spec: TransformSpec, queued_at: float, waiting: bool
-    ) -> transform.Rendered:
+    ) -> Rendered:
         """Runs in an executor thread: read, sniff, check limits, transform."""
         if waiting:
             self.metrics.queue_depth.dec()

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote
@@ -37,20 +38,38 @@ class Located:
 
 
 class LocalSource:
+    RESOLVE_TTL = 1.0  # seconds a resolved (realpath'd) path is reused
+    RESOLVE_MAX = 10_000  # entries kept before the memo is cleared
+
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
+        self._resolved: dict[str, tuple[str, float]] = {}
 
-    def locate(self, rel: str) -> Located:
-        """Stat `rel` under the root; NotFound if missing, not a file, or outside the root.
+    def resolve(self, rel: str) -> str:
+        """The real path of `rel`, which must stay under the root; NotFound otherwise.
 
         `rel` is already percent-decoded and segment-checked (params); resolving symlinks
         *after* decoding and *then* comparing against the real root is what makes a symlink
         (or a decoded `..`) unable to escape: the check sees the path the kernel will open.
+        realpath costs ~20 µs (an lstat per component), so the answer is memoised for one
+        second: a symlink swapped inside the root takes at most that long to be seen.
         """
+        now = time.monotonic()
+        hit = self._resolved.get(rel)
+        if hit is not None and hit[1] > now:
+            return hit[0]
         full = os.path.realpath(os.path.join(self.root, rel))
         if not full.startswith(self._prefix):
             raise NotFound()
+        if len(self._resolved) >= self.RESOLVE_MAX:
+            self._resolved.clear()
+        self._resolved[rel] = (full, now + self.RESOLVE_TTL)
+        return full
+
+    def locate(self, rel: str) -> Located:
+        """Stat `rel` under the root; NotFound if missing, not a file, or outside the root."""
+        full = self.resolve(rel)
         try:
             st = os.stat(full)
         except (OSError, ValueError):
