@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,6 +114,20 @@ def make_settings(root: Path, **env: str) -> Settings:
     return Settings.from_env(base)
 
 
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` whose labels include `labels`, in a scrape."""
+    want = set(labels.items())
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        sample, _, label_text = name_labels.partition("{")
+        if sample == name and want <= set(re.findall(r'(\w+)="([^"]*)"', label_text)):
+            total += float(value)
+    return total
+
+
 @dataclass
 class Resp:
     status: int
@@ -171,6 +186,9 @@ class Server:
     def request(self, method: str, path: str, **kw: object) -> Resp:
         r = self.client.request(method, path, **kw)  # type: ignore[arg-type]
         return Resp(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_total(raw_request(self.port, "/metrics").text, name, **labels)
 
     def raw(self, target: str | bytes, method: str = "GET", **kw: dict[str, str]) -> Resp:
         return raw_request(self.port, target, method, **kw)

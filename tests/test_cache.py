@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -20,15 +19,7 @@ CACHE_ON = {"IMAGE_PROXY_ENABLE_CACHE": "true"}
 
 
 def metric(server: Server, name: str, **labels: str) -> float:
-    """Sum of one metric's samples matching `labels` in a /metrics scrape."""
-    total = 0.0
-    for line in server.get("/metrics").text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.partition(" ")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return server.metric(name, **labels)
 
 
 @pytest.fixture

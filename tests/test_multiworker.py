@@ -6,34 +6,23 @@ shared by the workers and survives a restart, and the service keeps serving."""
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import time
 from pathlib import Path
 
 import pytest
 import pyvips
 
-from conftest import Server, photo, raw_request, subprocess_server
+from conftest import Server, metric_total, photo, raw_request, subprocess_server
 
 pytestmark = pytest.mark.slow
 
 
-def scrape(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for line in raw_request(server.port, "/metrics").body.decode().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name, _, labels = name_labels.partition("{")
-        out[(name, frozenset(re.findall(r'(\w+)="([^"]*)"', labels)))] = float(value)
-    return out
+def scrape(server: Server) -> str:
+    return raw_request(server.port, "/metrics").text
 
 
-def total(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+def total(samples: str, name: str, **labels: str) -> float:
+    return metric_total(samples, name, **labels)
 
 
 @pytest.fixture
