@@ -45,6 +45,7 @@ _REASONS = {
     405: "method not allowed",
     408: "request timeout",
     413: "request too large",
+    503: "response timeout",
 }
 
 
@@ -55,6 +56,8 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     configure_logging(settings.log_level)
     app = Sanic("imgproxy", config=Config(defaults=SANIC_DEFAULTS))
     app.ctx.settings = settings
+    if settings.log_level == "DEBUG" and "SANIC_ACCESS_LOG" not in os.environ:
+        app.config.ACCESS_LOG = True  # RUST_LOG=DEBUG: one line per request, as the original
     app.add_route(health, "/health", methods=["GET", "HEAD"])
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
@@ -65,8 +68,16 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
 
 
 def configure_logging(level: str) -> None:
-    for name in ("imgproxy", "sanic.root", "sanic.error"):
+    for name in ("imgproxy", "sanic.root", "sanic.error", "sanic.access"):
         logging.getLogger(name).setLevel(level)
+    ours = logging.getLogger("imgproxy")
+    if not ours.handlers:  # same shape as Sanic's lines, so one log reads as one stream
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+        )
+        ours.addHandler(handler)
+        ours.propagate = False
 
 
 async def start_worker(app: Sanic[Any, Any]) -> None:
@@ -212,6 +223,8 @@ async def on_error(request: Request, exc: Exception) -> HTTPResponse:
         response = error_response(err)
         if status == 405:
             response.headers["Allow"] = "GET, HEAD"
+        elif status == 503:
+            response.headers["Retry-After"] = "1"
         return response
     log.exception("unhandled error on %s", request.path)
     return error_response(ImgProxyError())

@@ -260,6 +260,16 @@ class ImageService:
             self.pending -= 1
         for step, seconds in rendered.steps.items():
             self.metrics.steps.labels(step).observe(seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "rendered %s -> %s %dx%d, %d bytes, %s",
+                spec.path,
+                rendered.format,
+                rendered.width,
+                rendered.height,
+                len(rendered.data),
+                " ".join(f"{k}={v * 1000:.1f}ms" for k, v in rendered.steps.items()),
+            )
         self.metrics.transforms.labels(rendered.format).inc()
         entry = (rendered.data, sniff.CONTENT_TYPES[rendered.format])
         if self.cache is not None:
