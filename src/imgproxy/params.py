@@ -32,7 +32,7 @@ _SIZE_RE = re.compile(r"\+?[0-9]{1,10}")
 _DPR_RE = re.compile(r"\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _PERCENT_HEX = re.compile(r"%[0-9a-fA-F]{2}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff]")  # + lone surrogates
 
 
 @dataclass(frozen=True, slots=True)
