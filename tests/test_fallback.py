@@ -12,7 +12,6 @@ import contextlib
 import gzip
 import http.server
 import posixpath
-import re
 import socket
 import threading
 import time
@@ -310,11 +309,7 @@ def assert_confined(origin: Origin, other: Origin) -> None:
 
 
 def metric(server: Server, outcome: str) -> float:
-    text = server.get("/metrics").text
-    m = re.search(
-        rf'^image_fallback_fetches_total\{{outcome="{outcome}"\}} ([0-9.e+]+)$', text, re.M
-    )
-    return float(m.group(1)) if m else 0.0
+    return server.metric("image_fallback_fetches_total", outcome=outcome)
 
 
 # -- the happy paths -----------------------------------------------------------------------
