@@ -22,7 +22,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from conftest import Server, app_server, free_port, make_settings, photo
+from conftest import Server, app_server, free_port, make_settings, photo, png_bomb
 
 BASE = "/base/"
 MAX_SIZE = 200_000
@@ -102,6 +102,16 @@ def drip(body: bytes, every: float = 0.2) -> Callable[..., None]:
     return handler
 
 
+def header_drip(h: http.server.BaseHTTPRequestHandler) -> None:
+    """Headers that never end: one byte every 0.2 s for 10 s."""
+    h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    for _ in range(50):
+        h.wfile.write(b"a")
+        h.wfile.flush()
+        time.sleep(0.2)
+    h.close_connection = True
+
+
 def slow_headers(delay: float) -> Callable[..., None]:
     def handler(h: http.server.BaseHTTPRequestHandler) -> None:
         time.sleep(delay)
@@ -155,6 +165,17 @@ def short_content_length(body: bytes, declared: int) -> Callable[..., None]:
         h.end_headers()
         h.wfile.write(body + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad")
         h.wfile.flush()
+
+    return handler
+
+
+def raw_response(data: bytes) -> Callable[..., None]:
+    """Bytes written as they are: for responses http.server would refuse to produce."""
+
+    def handler(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.wfile.write(data)
+        h.wfile.flush()
+        h.close_connection = True
 
     return handler
 
@@ -235,6 +256,34 @@ def origin(other: Origin) -> Iterator[Origin]:
                 "/base/over-max.jpg": serve_body(JPEG[:64] + b"\x00" * (MAX_SIZE - 63)),
                 "/base/chunked-huge.jpg": chunked(50 * 1024 * 1024),
                 "/base/chunked-small.jpg": chunked(MAX_SIZE // 2),
+                "/base/bomb.png": serve_body(png_bomb(30000, 30000), Content_Type="image/png"),
+                "/base/huge-header.jpg": raw_response(
+                    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n" + JPEG
+                ),
+                "/base/cl-garbage.jpg": raw_response(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n" + JPEG
+                ),
+                "/base/cl-negative.jpg": raw_response(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n" + JPEG
+                ),
+                "/base/cl-conflict.jpg": raw_response(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Length: 20\r\n\r\n" + JPEG
+                ),
+                "/base/te-gzip.jpg": raw_response(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                    + b"%x\r\n" % len(JPEG)
+                    + JPEG
+                    + b"\r\n0\r\n\r\n"
+                ),
+                "/base/http09.jpg": raw_response(JPEG),
+                "/base/header-drip.jpg": header_drip,
+                "/base/101.jpg": raw_response(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\n\r\n" + JPEG
+                ),
+                "/base/status-999.jpg": raw_response(
+                    b"HTTP/1.1 999 Weird\r\nContent-Length: %d\r\n\r\n" % len(JPEG) + JPEG
+                ),
                 # redirects
                 "/base/r-same.jpg": redirect("/base/ok.jpg"),
                 "/base/r-relative.jpg": redirect("ok.jpg", 301),
@@ -404,6 +453,15 @@ FAILURES = [
     ("/over-max.jpg", 502, "body one byte over the max size"),
     ("/chunked-huge.jpg", 502, "50 MiB chunked, no Content-Length"),
     ("/slow.jpg", 504, "1 byte every 0.2 s"),
+    ("/header-drip.jpg", 504, "headers dripping 1 byte every 0.2 s"),
+    ("/huge-header.jpg", 502, "a 200 KB response header"),
+    ("/cl-garbage.jpg", 502, "Content-Length: abc"),
+    ("/cl-negative.jpg", 502, "Content-Length: -1"),
+    ("/cl-conflict.jpg", 502, "two different Content-Length headers"),
+    ("/te-gzip.jpg", 502, "Transfer-Encoding: gzip, chunked"),
+    ("/http09.jpg", 502, "no status line (HTTP/0.9 style body)"),
+    ("/101.jpg", 502, "101 Switching Protocols"),
+    ("/status-999.jpg", 502, "status 999"),
     ("/slow-headers.jpg", 504, "headers after 3 s"),
 ]
 
@@ -421,6 +479,12 @@ def test_origin_failures(
     assert len(r.body.splitlines()) == 1
     assert elapsed < 5  # the total timeout is 1 s; nothing waits for the whole drip
     assert_confined(origin, other)
+
+
+def test_fallback_bomb_refused_on_transform(fb: Server, origin: Origin, other: Origin) -> None:
+    assert fb.get("/bomb.png?size=10").status == 422
+    r = fb.get("/bomb.png")  # passthrough never decodes
+    assert r.status == 200 and r.headers["content-type"] == "image/png"
 
 
 def test_transform_failures_match_passthrough(fb: Server, origin: Origin, other: Origin) -> None:
