@@ -236,6 +236,16 @@ def origin(other: Origin) -> Iterator[Origin]:
                 "/base/ok.jpg": serve_body(JPEG, Last_Modified="Wed, 21 Oct 2015 07:28:00 GMT"),
                 "/base/photos/ok.png": serve_body(PNG, Content_Type="image/png"),
                 "/base/html.jpg": serve_body(JPEG, Content_Type="text/html"),
+                # Last-Modified values that parse but cannot be formatted back (year 10000)
+                "/base/lm-far.jpg": serve_body(
+                    JPEG, Last_Modified="Fri, 31 Dec 9999 23:59:59 -2359"
+                ),
+                "/base/lm-junk.jpg": serve_body(
+                    JPEG, Last_Modified="Mon, 99 Jan 2020 99:00:00 XYZ"
+                ),
+                "/base/lm-year1.jpg": serve_body(
+                    JPEG, Last_Modified="Mon, 01 Jan 0001 00:00:00 GMT"
+                ),
                 "/base/no-type.jpg": serve_body(JPEG, Content_Type=""),
                 "/base/not-image.jpg": serve_body(b"<html>hello</html>" * 10),
                 "/base/gif.png": serve_body(
@@ -418,6 +428,21 @@ def test_transform_of_fallback_image(fb: Server, origin: Origin, other: Origin) 
     assert r.status == 200 and r.headers["content-type"] == "image/webp"
     assert (r.image().width, r.image().height) == (300, 200)
     assert_confined(origin, other)
+
+
+@pytest.mark.parametrize("name", ["lm-far", "lm-junk", "lm-year1"])
+@pytest.mark.parametrize("query", ["", "?size=50"])
+def test_origin_last_modified_garbage(
+    fb: Server, origin: Origin, other: Origin, name: str, query: str
+) -> None:
+    """Whatever date an origin claims, the image is served (Last-Modified dropped if absurd)."""
+    r = fb.get(f"/{name}.jpg{query}")
+    assert r.status == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg"
+    r = fb.get(
+        f"/{name}.jpg{query}", headers={"If-Modified-Since": "Fri, 31 Dec 9999 23:59:59 GMT"}
+    )
+    assert r.status in (200, 304), r.text
 
 
 def test_head_of_fallback_image(fb: Server, origin: Origin, other: Origin) -> None:

@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
@@ -202,9 +203,13 @@ class HttpSource:
 
 
 def _http_date(value: str | None) -> float | None:
+    """An origin's Last-Modified as a timestamp, or None unless it is a date we can send on
+    (`Fri, 31 Dec 9999 23:59:59 -2359` parses, but is year 10000 in UTC)."""
     if not value:
         return None
     try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
+        ts = parsedate_to_datetime(value).timestamp()
+        datetime.fromtimestamp(ts, UTC)  # what formatdate() does with it
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
+    return ts
