@@ -15,6 +15,7 @@ import os
 import random
 from collections.abc import Iterator
 from decimal import Decimal
+from email.utils import formatdate
 
 import pytest
 import pyvips
@@ -25,6 +26,7 @@ from conftest import Server, app_server, make_settings
 from imgproxy import params, sniff, transform
 from imgproxy.config import ConfigError, Settings, _strip_path
 from imgproxy.errors import ImgProxyError, UnprocessableImage
+from imgproxy.sources import _http_date
 
 EXAMPLES = int(os.environ.get("IMGPROXY_FUZZ_EXAMPLES", "200"))
 DECODER_EXAMPLES = int(
@@ -178,6 +180,31 @@ def test_parse_only_typed_errors(
     assert spec.target is None or spec.target >= 1
     assert spec.format in (None, *sniff.CONTENT_TYPES)
     assert len(spec.cache_key("id")) == 64
+
+
+@PARSER
+@given(
+    value=st.one_of(
+        st.text(max_size=60),
+        st.builds(
+            "{}, {:02d} {} {} {:02d}:{:02d}:{:02d} {}".format,
+            st.sampled_from(["Mon", "Fri", "Xyz"]),
+            st.integers(0, 99),
+            st.sampled_from(["Jan", "Dec", "Foo"]),
+            st.integers(-1, 100000),
+            st.integers(0, 99),
+            st.integers(0, 99),
+            st.integers(0, 99),
+            st.sampled_from(["GMT", "UTC", "-2359", "+2359", "+9999", "EST", ""]),
+        ),
+    )
+)
+@example(value="Fri, 31 Dec 9999 23:59:59 -2359")  # found: parsed, then formatdate() raised
+def test_origin_dates_are_total(value: str) -> None:
+    """An origin's Last-Modified is a date we can send on (formatdate) or None: never a 500."""
+    ts = _http_date(value)
+    if ts is not None:
+        formatdate(ts, usegmt=True)
 
 
 # -- the decoders -----------------------------------------------------------------------------
