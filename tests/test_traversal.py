@@ -21,6 +21,7 @@ Every attack is sent twice: as is, and behind `IMAGE_PROXY_STRIP_PATH=static/ima
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,6 +236,28 @@ def test_encoded_but_harmless_names_work(tree: Path, plain: Server) -> None:
     assert r.status == 200 and r.body == REAL
     r = plain.raw("/%72eal.jpg")  # an encoded ordinary letter is still the same file
     assert r.status == 200 and r.body == REAL
+
+
+RAW_CONTROL = [
+    b"/\x00secret.jpg",
+    b"/..\x00/secret.jpg",
+    b"/..\t/secret.jpg",
+    b"/\x7f/../secret.jpg",
+]
+
+
+@pytest.mark.parametrize("target", RAW_CONTROL, ids=["nul", "dotdot-nul", "tab", "del"])
+def test_raw_control_bytes_in_request_line(plain: Server, target: bytes) -> None:
+    """Raw NUL/TAB/DEL cannot be in a request target: Sanic's parser drops the connection
+    (no response at all) or answers 400. Either way: no secret, and the worker lives on."""
+    with socket.create_connection(("127.0.0.1", plain.port), timeout=10) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert MARK not in data
+    assert data == b"" or data.startswith(b"HTTP/1.1 400 ")
+    assert plain.get("/real.jpg").status == 200
 
 
 def test_server_still_healthy(plain: Server, stripped: Server) -> None:
