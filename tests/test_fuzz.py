@@ -16,6 +16,7 @@ import random
 from collections.abc import Iterator
 from decimal import Decimal
 from email.utils import formatdate
+from pathlib import Path
 
 import pytest
 import pyvips
@@ -354,3 +355,34 @@ def test_mutants_over_http_never_500(mutants: tuple[Server, list[str]]) -> None:
             assert r.image().width >= 1
     assert server.get("/health").status == 200
     assert 422 in seen  # the mutants really did reach the decoders
+
+
+# -- arbitrary request targets against the shared corpus: never a 500 --------------------------
+
+TARGET_TOKENS = [
+    "/", "//", ".", "..", "%", "%2e", "%2f", "%5c", "%00", "%25", "%c0%ae", "%ff", "\\", "?",
+    "#", "&", "=", ";", "+", "size=", "format=", "dpr=", "resize_algorithm=", "1", "0", "-1",
+    "99999999999", "2.5", "png", "avif", "lanczos3", "landscape.jpg", "photo.avif", "bomb.png",
+    "truncated.jpg", "text.jpg", "gif-named.png", "empty.jpg", "dir.jpg", "photos",
+    "sample.jpg", "metrics", "health", "\x80", "\xff",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus_server(corpus: Path) -> Iterator[Server]:
+    with app_server(make_settings(corpus)) as s:
+        yield s
+
+
+@settings(
+    max_examples=max(10, EXAMPLES // 4),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    target=st.lists(st.sampled_from(TARGET_TOKENS), max_size=14).map("".join),
+    method=st.sampled_from(["GET", "HEAD"]),
+)
+def test_request_targets_never_500(corpus_server: Server, target: str, method: str) -> None:
+    r = corpus_server.raw("/" + target, method=method)
+    assert r.status in (200, 304, 400, 404, 415, 422), (target, r.status, r.text)
