@@ -545,6 +545,30 @@ def test_short_content_length_does_not_poison_the_pool(
         assert r.status == 200 and r.body == JPEG
 
 
+def test_strip_path_with_fallback(local_root: Path, origin: Origin, other: Origin) -> None:
+    settings = make_settings(
+        local_root,
+        IMAGE_PROXY_FALLBACK_IMAGE_URL=f"http://127.0.0.1:{origin.port}{BASE}",
+        IMAGE_PROXY_FALLBACK_TIMEOUT=TIMEOUT,
+        IMAGE_PROXY_STRIP_PATH="static/image/",
+    )
+    with app_server(settings) as s:
+        r = s.raw("/static/image/ok.jpg")
+        assert r.status == 200 and r.body == JPEG
+        assert origin.paths() == ["/base/ok.jpg"]
+        origin.clear()
+        for target in (
+            "/static/image/../x.jpg",
+            "/static/image/%2e%2e/x.jpg",
+            "/static/image//evil.example/x.jpg",
+            "/static/image/..%2fx.jpg",
+        ):
+            assert s.raw(target).status == 404, target
+        assert origin.paths() == []
+        assert s.raw("/static/image/photos/ok.png").status == 200
+        assert_confined(origin, other)
+
+
 def test_unreachable_origin(local_root: Path) -> None:
     port = free_port()  # nothing listens there
     settings = make_settings(
