@@ -264,7 +264,7 @@ def origin(other: Origin) -> Iterator[Origin]:
                 "/base/cl-over-max.jpg": serve_body(JPEG, Content_Length=str(MAX_SIZE + 1)),
                 "/base/exactly-max.jpg": serve_body(JPEG[:64] + b"\x00" * (MAX_SIZE - 64)),
                 "/base/over-max.jpg": serve_body(JPEG[:64] + b"\x00" * (MAX_SIZE - 63)),
-                "/base/chunked-huge.jpg": chunked(50 * 1024 * 1024),
+                "/base/chunked-huge.jpg": chunked(200 * 1024 * 1024),
                 "/base/chunked-small.jpg": chunked(MAX_SIZE // 2),
                 "/base/bomb.png": serve_body(png_bomb(30000, 30000), Content_Type="image/png"),
                 "/base/huge-header.jpg": raw_response(
@@ -476,7 +476,7 @@ FAILURES = [
     ("/cl-long.jpg", 502, "Content-Length larger than the body, then close"),
     ("/cl-over-max.jpg", 502, "Content-Length over the max size"),
     ("/over-max.jpg", 502, "body one byte over the max size"),
-    ("/chunked-huge.jpg", 502, "50 MiB chunked, no Content-Length"),
+    ("/chunked-huge.jpg", 502, "200 MiB chunked, no Content-Length"),
     ("/slow.jpg", 504, "1 byte every 0.2 s"),
     ("/header-drip.jpg", 504, "headers dripping 1 byte every 0.2 s"),
     ("/huge-header.jpg", 502, "a 200 KB response header"),
@@ -522,7 +522,9 @@ def test_huge_chunked_body_is_not_read_to_the_end(
 ) -> None:
     assert fb.get("/chunked-huge.jpg").status == 502
     time.sleep(0.3)  # let the origin notice the closed connection
-    assert origin.sent["/base/chunked-huge.jpg"] < 10 * 1024 * 1024
+    # socket buffers (tcp_rmem/tcp_wmem, up to tens of MiB on loopback) absorb some of it;
+    # the point is that the fetch stopped long before the end of the body
+    assert origin.sent["/base/chunked-huge.jpg"] < 100 * 1024 * 1024
 
 
 def test_exactly_max_size_is_accepted(fb: Server, origin: Origin, other: Origin) -> None:
