@@ -285,3 +285,41 @@ def test_raw_control_bytes_get_a_400(plain: Server, target: bytes) -> None:
 def test_server_still_healthy(plain: Server, stripped: Server) -> None:
     assert plain.get("/health").status == 200
     assert stripped.get("/health").status == 200
+
+
+def test_file_swapped_for_an_escaping_symlink(tree: Path, plain: Server) -> None:
+    """A file replaced by a symlink to the outside right after it was served (resolved
+    paths are memoised for a second): the next request must not follow the new link."""
+    victim = tree / "root" / "swap.jpg"
+    victim.write_bytes(REAL)
+    assert plain.raw("/swap.jpg").status == 200  # resolved and memoised
+    assert plain.raw("/swap.jpg?format=png").status == 200
+    victim.unlink()
+    os.symlink(tree / "secret.jpg", victim)
+    for target in ("/swap.jpg", "/swap.jpg?format=png"):
+        r = plain.raw(target)
+        assert MARK not in r.body
+        assert r.status == 404, (target, r.status)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "LocalSource.resolve memoises realpath() for 1 s (sources.py RESOLVE_TTL): when a "
+        "*directory* inside the root is swapped for a symlink to the outside, requests within "
+        "that second open <root>/dir/x.jpg through the new link and serve the outside file. "
+        "Only someone who can write under the root can do this (mount it read-only); closing "
+        "it needs a per-request realpath or an openat(O_NOFOLLOW) walk, which the memo exists "
+        "to avoid."
+    ),
+)
+def test_directory_swapped_for_an_escaping_symlink(tree: Path, plain: Server) -> None:
+    d = tree / "root" / "swapdir"
+    d.mkdir()
+    (d / "secret.jpg").write_bytes(REAL)
+    assert plain.raw("/swapdir/secret.jpg").status == 200  # resolved and memoised
+    (d / "secret.jpg").unlink()
+    d.rmdir()
+    os.symlink(tree / "outside", d)
+    r = plain.raw("/swapdir/secret.jpg")
+    assert MARK not in r.body and r.status == 404

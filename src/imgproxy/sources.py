@@ -72,7 +72,9 @@ class LocalSource:
         """Stat `rel` under the root; NotFound if missing, not a file, or outside the root."""
         full = self.resolve(rel)
         try:
-            st = os.stat(full)
+            # lstat: `full` has no symlinks when resolved; if its last component is one now,
+            # the file was swapped for a link since (the memo is up to 1 s old): refuse it.
+            st = os.lstat(full)
         except (OSError, ValueError):
             raise NotFound() from None
         if not stat.S_ISREG(st.st_mode):
@@ -89,7 +91,8 @@ class LocalSource:
 def read_file(path: str, limit: int | None = None) -> bytes:
     """Blocking read of a whole file (small, page-cached files: faster than any async hop)."""
     try:
-        with open(path, "rb") as f:
+        # O_NOFOLLOW: `path` is a resolved real path; a symlink there now is a swap (ELOOP)
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
             return f.read() if limit is None else f.read(limit)
     except OSError:
         raise NotFound() from None
