@@ -98,9 +98,13 @@ def read_file(path: str, limit: int | None = None) -> bytes:
         raise NotFound() from None
 
 
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 async def stream_file(path: str, chunk_size: int = 256 * 1024):  # type: ignore[no-untyped-def]
     """Async chunks of a large file (aiofiles keeps the reads off the event loop)."""
-    async with aiofiles.open(path, "rb") as f:
+    async with aiofiles.open(path, "rb", opener=_open_nofollow) as f:
         while chunk := await f.read(chunk_size):
             yield chunk
 
