@@ -63,18 +63,23 @@ def make_corpus(root: Path, width: int, height: int) -> Path:
 
 
 def descendants(pid: int) -> list[int]:
+    """All descendants of pid, by PPid from /proc/*/stat."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
     out: list[int] = []
     todo = [pid]
     while todo:
         p = todo.pop()
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                for c in (task / "children").read_text().split():
-                    if int(c) not in out:
-                        out.append(int(c))
-                        todo.append(int(c))
-        except OSError:
-            continue
+        for child, parent in parents.items():
+            if parent == p and child not in out:
+                out.append(child)
+                todo.append(child)
     return out
 
 
