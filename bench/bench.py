@@ -1,0 +1,602 @@
+#!/usr/bin/env python3
+"""Throughput benchmark of OUR server against in-process floors (not part of the test suite).
+
+    .venv/bin/python bench/bench.py                 # all workloads, 10 s each (~6 min)
+    .venv/bin/python bench/bench.py --only W2,W5 --duration 5
+    .venv/bin/python bench/bench.py --quick          # 3 s per workload, 1 s warm-up
+    .venv/bin/python bench/bench.py --smoke          # 1 s, W1 + W5, tiny floor: a CI liveness check
+    .venv/bin/python bench/bench.py --env IMAGE_PROXY_VIPS_CONCURRENCY=2 --only W4
+
+For each workload a fresh server (`python -m imgproxy`, own session / process group) is started on
+127.0.0.1, checked with one request, warmed up with wrk (discarded) and measured with wrk
+(8 connections, 2 threads, box size rotating over 380..419 like the shared harness). The table
+reports req/s, p50/p99, mean response bytes (incl. headers, as wrk counts them), the server's
+CPU in cores (utime+stime of its process group over the measured window) and the peak RSS of
+the largest worker (VmHWM: each workload has a fresh server, so this is that workload's peak).
+
+Floors, in-process, no HTTP, 2 processes x 1 libvips thread (like the shared raw_limit.py):
+  decode  decode only, at the JPEG DCT shrink our transform chooses
+  render  our full `imgproxy.transform.render` (header, decode, resize, colour, encode)
+`ours/render` is the HTTP overhead + scheduling loss; `ours/decode` shows how far we are from
+the bare decode.
+
+Cache section: W1 passthrough, W6 with the memory tier (IMAGE_PROXY_ENABLE_CACHE=true) and W6
+with the disk tier only (memory tier 0 bytes), each as a ratio to the W1 passthrough req/s, and
+to nginx static W1 when nginx is installed (it is started on 127.0.0.1 with a temp config).
+
+Everything bulky lives in /tmp/imgproxy-bench (corpus, paths, logs). Needs `wrk` (apt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORK = os.environ.get("IMGPROXY_BENCH_DIR", "/tmp/imgproxy-bench")
+SHARED_CORPUS = "/work/shared/bench/make_corpus.py"
+LUA = os.path.join(HERE, "wrk_rotate.lua")
+SIZES = list(range(380, 420))
+BIG = "photo-8660x5774.jpg"  # 50 MP
+
+# id -> (template, source file, output format or None, description)
+WORKLOADS = {
+    "W1": ("/photo-1200.jpg", "photo-1200.jpg", None, "passthrough 1200 px JPEG (301 KB)"),
+    "W2": (
+        "/photo-4000x3000.jpg?size={size}&format=jpeg",
+        "photo-4000x3000.jpg",
+        "jpeg",
+        "12 MP JPEG -> ~400 JPEG q75",
+    ),
+    "W3": (
+        "/photo-4000x3000.jpg?size={size}&format=webp",
+        "photo-4000x3000.jpg",
+        "webp",
+        "12 MP JPEG -> ~400 WebP q80",
+    ),
+    "W4": (
+        "/photo-4000x3000.jpg?size={size}&format=avif",
+        "photo-4000x3000.jpg",
+        "avif",
+        "12 MP JPEG -> ~400 AVIF q85 effort 3",
+    ),
+    "W5": (
+        "/photo-1200.jpg?size={size}&format=webp",
+        "photo-1200.jpg",
+        "webp",
+        "1200 px JPEG -> ~400 WebP q80",
+    ),
+    "W7": ("/" + BIG + "?size={size}&format=jpeg", BIG, "jpeg", "50 MP JPEG -> ~400 JPEG (RSS)"),
+}
+CACHE_WORKLOADS = {
+    # id -> (template, extra env, description)
+    "W6-miss": ("/photo-1200.jpg?size=400&format=webp", {}, "W6, cache off (miss path)"),
+    "W6-mem": (
+        "/photo-1200.jpg?size=400&format=webp",
+        {"IMAGE_PROXY_ENABLE_CACHE": "true"},
+        "W6, memory-tier hit",
+    ),
+    "W6-disk": (
+        "/photo-1200.jpg?size=400&format=webp",
+        {
+            "IMAGE_PROXY_ENABLE_CACHE": "true",
+            "IMAGE_PROXY_CACHE_MEMORY_SIZE": "0",
+            "IMAGE_PROXY_ENABLE_DISK_CACHE": "true",
+        },
+        "W6, disk-tier hit (memory tier 0)",
+    ),
+}
+SLOW = {"W4": 3}  # duration multiplier (AVIF: few requests per second)
+
+
+# -- corpus ------------------------------------------------------------------------------
+
+
+def ensure_corpus(corpus: str) -> None:
+    os.makedirs(corpus, exist_ok=True)
+    need = ("photo-1200.jpg", "photo-4000x3000.jpg")
+    if not all(os.path.exists(os.path.join(corpus, n)) for n in need):
+        if os.path.exists(SHARED_CORPUS):
+            wheels = "/tmp/bench/wheels" if os.path.isdir("/tmp/bench/wheels") else f"{WORK}/wheels"
+            subprocess.run([sys.executable, SHARED_CORPUS, corpus, "--wheels", wheels], check=True)
+        else:
+            _synthetic_corpus(corpus)
+    if not os.path.exists(os.path.join(corpus, BIG)):
+        import pyvips
+
+        src = pyvips.Image.new_from_file(os.path.join(corpus, "photo-4000x3000.jpg"))
+        big = src.resize(8660 / src.width, vscale=5774 / src.height, kernel="cubic")
+        noise = pyvips.Image.gaussnoise(big.width, big.height, sigma=4, mean=0)
+        big = (big + noise).cast("uchar")
+        tmp = os.path.join(corpus, BIG + ".tmp")
+        big.jpegsave(tmp, Q=90, keep="none")
+        os.replace(tmp, os.path.join(corpus, BIG))
+
+
+def _synthetic_corpus(corpus: str) -> None:
+    """Photo-like stand-ins when the shared corpus builder is not around."""
+    import pyvips
+
+    def photo(w: int, h: int, seed: int) -> pyvips.Image:
+        base = pyvips.Image.perlin(max(8, w // 8), max(8, h // 8), cell_size=32, seed=seed)
+        rgb = base.bandjoin([base * 0.8, base * 1.2]).linear(128, 128).cast("uchar")
+        rgb = rgb.resize(w / rgb.width, vscale=h / rgb.height, kernel="cubic")
+        noise = pyvips.Image.gaussnoise(w, h, sigma=4)
+        return (rgb + noise).cast("uchar").copy(interpretation="srgb")
+
+    photo(1200, 810, 1).jpegsave(os.path.join(corpus, "photo-1200.jpg"), Q=90, keep="none")
+    photo(4000, 3000, 2).jpegsave(os.path.join(corpus, "photo-4000x3000.jpg"), Q=90, keep="none")
+
+
+# -- process-group accounting ------------------------------------------------------------
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 (pgrp), after pid and (comm)
+            pids.append(int(d))
+    return pids
+
+
+def group_ticks(pgid: int) -> int:
+    total = 0
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])  # utime + stime
+        except OSError:
+            pass
+    return total
+
+
+def peak_rss_mb(pgid: int) -> dict[int, float]:
+    """VmHWM of every process of the group except its leader (Sanic's main process)."""
+    out = {}
+    for pid in group_pids(pgid):
+        if pid == pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        out[pid] = int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return out
+
+
+# -- servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> bool:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class Server:
+    def __init__(self, corpus: str, env_extra: dict[str, str], log: str, port: int) -> None:
+        env = dict(os.environ)
+        env.update(
+            IMAGE_PROXY_ROOT_PATH=corpus,
+            IMAGE_PROXY_BIND_ADDRESS=f"127.0.0.1:{port}",
+            IMAGE_PROXY_LOG_LEVEL="WARNING",
+        )
+        env.update(env_extra)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.port = port
+        self.log = log
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "imgproxy"],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        self.pgid = self.proc.pid
+        if not wait_port(port, 60):
+            self.stop()
+            raise RuntimeError(f"server did not listen on {port}; see {log}")
+        time.sleep(0.5)  # every worker up
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 3)):
+            try:
+                os.killpg(self.pgid, sig)
+            except ProcessLookupError:
+                break
+            t0 = time.time()
+            while time.time() - t0 < wait and group_pids(self.pgid):
+                time.sleep(0.1)
+            if not group_pids(self.pgid):
+                break
+        self.proc.wait(timeout=5)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Nginx:
+    """nginx static for the W1 anchor (2 workers, sendfile), like the shared harness."""
+
+    def __init__(self, corpus: str, port: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="nginx-", dir=WORK)
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as fh:
+            fh.write(
+                f"worker_processes 2; daemon off; pid {self.dir}/nginx.pid;\n"
+                f"error_log {self.dir}/error.log;\n"
+                "events { worker_connections 1024; }\n"
+                "http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;\n"
+                f"  client_body_temp_path {self.dir}; proxy_temp_path {self.dir};\n"
+                f"  fastcgi_temp_path {self.dir}; uwsgi_temp_path {self.dir};"
+                f" scgi_temp_path {self.dir};\n"
+                f"  server {{ listen 127.0.0.1:{port}; root {corpus}; }} }}\n"
+            )
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", conf, "-p", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pgid = self.proc.pid
+        self.port = port
+        if not wait_port(port, 10):
+            self.stop()
+            raise RuntimeError("nginx did not start")
+
+    def stop(self) -> None:
+        with_suppress_kill(self.pgid)
+        self.proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def with_suppress_kill(pgid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        for _ in range(50):
+            if not group_pids(pgid):
+                return
+            time.sleep(0.1)
+
+
+# -- load --------------------------------------------------------------------------------
+
+
+def paths_file(template: str) -> str:
+    import random
+
+    if "{size}" in template:
+        paths = [template.format(size=s) for s in SIZES]
+        random.Random(42).shuffle(paths)
+    else:
+        paths = [template]
+    fd, name = tempfile.mkstemp(prefix="paths-", suffix=".txt", dir=WORK)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(paths) + "\n")
+    return name
+
+
+def wrk(port: int, paths: str, duration: float, conc: int = 8, threads: int = 2) -> dict:
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
+        "-s", LUA, f"http://127.0.0.1:{port}", "--", paths,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120).stdout
+    for line in out.splitlines():
+        if line.startswith("BENCHJSON "):
+            r = json.loads(line[len("BENCHJSON ") :])
+            secs = r["duration_us"] / 1e6
+            r["rps"] = r["requests"] / secs if secs else 0.0
+            r["errors"] = sum(r[k] for k in ("err_connect", "err_read", "err_write", "err_timeout"))
+            return r
+    raise RuntimeError(f"wrk gave no summary:\n{out}")
+
+
+def check(port: int, path: str) -> str:
+    """One request: status, sniffed format, pixel size (visible rather than silently fast)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=120) as resp:
+        body = resp.read()
+        status = resp.status
+    try:
+        import pyvips
+
+        im = pyvips.Image.new_from_buffer(body, "")
+        fmt = im.get("vips-loader").replace("load_buffer", "").replace("heif", "avif")
+        return f"{status} {fmt} {im.width}x{im.height}"
+    except Exception as exc:
+        return f"{status} ? ({exc.__class__.__name__})"
+
+
+def measure(port: int, pgid: int | None, template: str, duration: float, warmup: float) -> dict:
+    paths = paths_file(template)
+    try:
+        first = template.format(size=SIZES[0])
+        result: dict = {"check": check(port, first)}
+        if warmup > 0:
+            wrk(port, paths, warmup)
+        t0 = group_ticks(pgid) if pgid else 0
+        w0 = time.monotonic()
+        r = wrk(port, paths, duration)
+        wall = time.monotonic() - w0
+        if pgid:
+            result["cpu"] = (group_ticks(pgid) - t0) / os.sysconf("SC_CLK_TCK") / wall
+            rss = peak_rss_mb(pgid)
+            result["rss_mb"] = max(rss.values()) if rss else 0.0
+            result["rss_all"] = sorted(round(v, 1) for v in rss.values())
+        result.update(
+            rps=r["rps"],
+            p50=r["lat_p50_us"] / 1000,
+            p99=r["lat_p99_us"] / 1000,
+            bytes=r["bytes"] / max(1, r["requests"]),
+            requests=r["requests"],
+            errors=r["errors"],
+            non2xx=r["non2xx"],
+        )
+        return result
+    finally:
+        os.unlink(paths)
+
+
+def idle_single(port: int, template: str, n: int) -> dict:
+    """Latency of sequential single requests (1 connection, idle server)."""
+    lat = []
+    for i in range(n):
+        path = template.format(size=SIZES[(i * 7) % len(SIZES)])
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=120) as resp:
+            resp.read()
+        lat.append((time.perf_counter() - t0) * 1000)
+    lat.sort()
+    return {"n": n, "median_ms": lat[len(lat) // 2], "min_ms": lat[0], "max_ms": lat[-1]}
+
+
+# -- floors (in-process, no HTTP) --------------------------------------------------------
+
+
+def _floor_worker(args: tuple) -> tuple[int, float]:
+    path, fmt, mode, duration, warmup, start_at, offset = args
+    os.environ["VIPS_CONCURRENCY"] = "1"
+    from imgproxy import transform
+
+    transform.configure(1)
+    import pyvips
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    hdr = pyvips.Image.new_from_buffer(data, "")
+    opts = transform.EncodeOptions()
+
+    def one(i: int) -> None:
+        size = SIZES[i % len(SIZES)]
+        if mode == "render":
+            transform.render(data, "jpeg", fmt, size, "auto", 1 << 40, opts)
+        else:
+            w, h = transform.output_size(hdr.width, hdr.height, size)
+            transform._load_jpeg_shrunk(data, hdr.width, hdr.height, w, h)
+
+    while time.time() < start_at:
+        time.sleep(0.001)
+    i = offset
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        one(i)
+        i += 1
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + duration
+    while time.perf_counter() < end:
+        one(i)
+        i += 1
+        n += 1
+    return n, time.perf_counter() - t0
+
+
+def floors(
+    pool: mp.pool.Pool, corpus: str, wid: str, duration: float, warmup: float, procs: int
+) -> dict:
+    _, src, fmt, _ = WORKLOADS[wid]
+    out = {}
+    for mode in ("decode", "render"):
+        start_at = time.time() + 0.3
+        args = [
+            (os.path.join(corpus, src), fmt, mode, duration, warmup, start_at, k * 7)
+            for k in range(procs)
+        ]
+        res = pool.map(_floor_worker, args)
+        out[mode] = sum(n / t for n, t in res)
+        out[mode + "_ms"] = sum(t / max(1, n) * 1000 for n, t in res) / len(res)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def fmt_row(cells: list[str], widths: list[int]) -> str:
+    return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=False)) + " |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per workload")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--only", help="comma list of W1,W2,W3,W4,W5,W7,cache (default: all)")
+    ap.add_argument("--quick", action="store_true", help="3 s per workload, 1 s warm-up")
+    ap.add_argument("--smoke", action="store_true", help="1 s, W1 + W5 only: CI liveness check")
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for our server")
+    ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--floor-procs", type=int, default=2)
+    ap.add_argument("--corpus", default=os.path.join(WORK, "corpus"))
+    ap.add_argument("--json", help="also write the results as JSON here")
+    a = ap.parse_args()
+    if a.quick:
+        a.duration, a.warmup = 3.0, 1.0
+    if a.smoke:
+        a.duration, a.warmup, a.only, a.no_nginx = 1.0, 0.0, "W1,W5", True
+    if not shutil.which("wrk"):
+        print("bench: wrk not found (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    os.makedirs(WORK, exist_ok=True)
+    ensure_corpus(a.corpus)
+    env_extra = dict(e.partition("=")[::2] for e in a.env)
+    only = a.only.split(",") if a.only else [*WORKLOADS, "cache"]
+    results: dict = {"settings": vars(a), "rows": {}, "cache": {}}
+    rows, cache = results["rows"], results["cache"]
+
+    pool = None
+    if not a.no_floor and any(w in WORKLOADS and WORKLOADS[w][2] for w in only):
+        pool = mp.get_context("spawn").Pool(a.floor_procs)
+    try:
+        for wid, (template, _, fmt, desc) in WORKLOADS.items():
+            if wid not in only:
+                continue
+            dur = a.duration * (SLOW.get(wid, 1) if not a.smoke else 1)
+            port = free_port()
+            env = {"IMAGE_PROXY_ENABLE_CACHE": "false", **env_extra}
+            with Server(a.corpus, env, os.path.join(WORK, f"server-{wid}.log"), port) as srv:
+                r = measure(port, srv.pgid, template, dur, a.warmup)
+                if wid == "W4" and not a.smoke:
+                    time.sleep(3)  # abandoned encodes finish
+                    r["idle"] = idle_single(port, template, 5)
+            r["desc"] = desc
+            if pool is not None and fmt:
+                fd = min(a.duration, 5.0) if wid != "W4" else a.duration
+                r["floor"] = floors(pool, a.corpus, wid, fd, min(a.warmup, 1.0), a.floor_procs)
+            rows[wid] = r
+            print(f"{wid}: {r['rps']:.1f} req/s  {r['check']}", file=sys.stderr, flush=True)
+
+        if "cache" in only:
+            port = free_port()
+            with Server(a.corpus, env_extra, os.path.join(WORK, "server-W1.log"), port) as srv:
+                cache["W1"] = measure(port, srv.pgid, WORKLOADS["W1"][0], a.duration, a.warmup)
+            for cid, (template, env, _desc) in CACHE_WORKLOADS.items():
+                port = free_port()
+                env = {**env, **env_extra}
+                if "IMAGE_PROXY_ENABLE_DISK_CACHE" in env:
+                    env["IMAGE_PROXY_CACHE_DISK_PATH"] = tempfile.mkdtemp(prefix="disk-", dir=WORK)
+                with Server(a.corpus, env, os.path.join(WORK, f"server-{cid}.log"), port) as srv:
+                    cache[cid] = measure(port, srv.pgid, template, a.duration, a.warmup)
+                if "IMAGE_PROXY_CACHE_DISK_PATH" in env:
+                    shutil.rmtree(env["IMAGE_PROXY_CACHE_DISK_PATH"], ignore_errors=True)
+            if not a.no_nginx and shutil.which("nginx"):
+                port = free_port()
+                ng = Nginx(a.corpus, port)
+                try:
+                    cache["nginx-W1"] = measure(port, ng.pgid, WORKLOADS["W1"][0], a.duration, 1)
+                finally:
+                    ng.stop()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    report(results)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    bad = [k for k, r in {**rows, **cache}.items() if r["errors"] or r["non2xx"]]
+    if bad:
+        print(f"errors or non-2xx in: {', '.join(bad)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def report(results: dict) -> None:
+    rows, cache = results["rows"], results["cache"]
+    s = results["settings"]
+    print(
+        f"\nours: 8 connections, 2 wrk threads, {s['warmup']:g} s warm-up + {s['duration']:g} s "
+        f"(W4 x3), sizes 380..419; cache off; env {s['env'] or '-'}"
+    )
+    if rows:
+        head = ["wl", "req/s", "p50 ms", "p99 ms", "B/resp", "srv CPU", "RSS MB/wkr",
+                "floor dec", "floor render", "ours/render", "ours/dec", "check"]  # fmt: skip
+        widths = [4, 7, 7, 7, 7, 7, 10, 9, 12, 11, 8, 22]
+        print(fmt_row(head, widths))
+        print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+        for wid, r in rows.items():
+            f = r.get("floor", {})
+            cells = [
+                wid,
+                f"{r['rps']:.1f}",
+                f"{r['p50']:.0f}",
+                f"{r['p99']:.0f}",
+                f"{r['bytes']:.0f}",
+                f"{r.get('cpu', 0):.2f}",
+                f"{r.get('rss_mb', 0):.0f}",
+                f"{f['decode']:.1f}" if f else "-",
+                f"{f['render']:.1f}" if f else "-",
+                f"{r['rps'] / f['render']:.2f}" if f else "-",
+                f"{r['rps'] / f['decode']:.2f}" if f else "-",
+                r["check"],
+            ]
+            print(fmt_row(cells, widths))
+        if "W4" in rows and "idle" in rows["W4"]:
+            i = rows["W4"]["idle"]
+            print(
+                f"W4 idle single request (1 connection, n={i['n']}): median {i['median_ms']:.0f} ms"
+                f" (min {i['min_ms']:.0f}, max {i['max_ms']:.0f})"
+            )
+        print("floor = img/s in-process, 2 procs x 1 libvips thread: decode-only at our DCT shrink,"
+              " and transform.render")  # fmt: skip
+    if cache:
+        base = cache.get("W1", {}).get("rps")
+        ng = cache.get("nginx-W1", {}).get("rps")
+        print(
+            "\n| cache wl | req/s | p50 ms | p99 ms | B/resp | srv CPU | ÷ W1 ours | ÷ nginx W1 |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for cid, r in cache.items():
+            print(
+                f"| {cid} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['bytes']:.0f} "
+                f"| {r.get('cpu', 0):.2f} | {r['rps'] / base:.2f} | "
+                f"{(r['rps'] / ng) if ng else float('nan'):.2f} |"
+                if base
+                else f"| {cid} | {r['rps']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
