@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import diskcache
 import pytest
 import pyvips
 
@@ -116,6 +117,16 @@ def wait_for_hit(s: Server, url: str) -> None:
     raise AssertionError(f"{url} never became a HIT")
 
 
+def wait_for_disk_write(cache_dir: Path) -> None:
+    """Until the background write has landed (a hit can come from the write in flight)."""
+    for _ in range(100):
+        with diskcache.Cache(str(cache_dir)) as c:
+            if len(c):
+                return
+        time.sleep(0.05)
+    raise AssertionError("nothing was written to the disk tier")
+
+
 def test_disk_tier_hits(serve: Callable[..., Server], images: Path, tmp_path: Path) -> None:
     s = serve(images, **disk_env(tmp_path / "cache"))
     assert s.get("/a.jpg?size=64&format=avif").headers["x-cache"] == "MISS"
@@ -143,12 +154,13 @@ def test_deleted_cache_directory_does_not_break_requests(
     s = serve(images, **disk_env(cache_dir))
     s.get("/a.jpg?size=64")
     wait_for_hit(s, "/a.jpg?size=64")
+    wait_for_disk_write(cache_dir)
     shutil.rmtree(cache_dir)
     r = s.get("/a.jpg?size=64")
     assert r.status == 200 and r.headers["x-cache"] == "MISS"
     assert pyvips.Image.new_from_buffer(r.body, "").width == 64
     wait_for_hit(s, "/a.jpg?size=64")  # reopened in a fresh directory
-    assert cache_dir.is_dir()
+    wait_for_disk_write(cache_dir)
     shutil.rmtree(cache_dir)  # twice: dropped for good, still serving
     for _ in range(3):
         assert s.get("/a.jpg?size=65").status == 200

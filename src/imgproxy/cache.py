@@ -5,9 +5,10 @@
     TieredCache the two together; lookups memory -> disk (promote) -> miss
 
 The disk tier never fails a request: an error, a full disk, an unwritable or deleted
-directory degrade it (with one warning) instead. A deleted directory is noticed by its inode
-(diskcache keeps writing into an unlinked SQLite file otherwise, and workers silently split)
-and reopened once; if that fails the tier is dropped for the life of the worker.
+directory degrade it (with one warning) instead. A deleted directory is noticed by the inode
+of its database file (diskcache keeps writing into an unlinked SQLite file otherwise, and
+workers silently split) and reopened once; if that fails the tier is dropped for the life of
+the worker.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class DiskTier:
         self, path: str, size_limit: int, on_error: Callable[[], None] | None = None
     ) -> None:
         self.path = os.path.abspath(path)
+        # The SQLite file's inode, not the directory's: we hold the database open, so its
+        # inode cannot be reused by a new file while we compare (a directory's can).
+        self._db = os.path.join(self.path, diskcache.core.DBNAME)
         self.size_limit = size_limit
         self.on_error = on_error or (lambda: None)
         self.available = True
@@ -83,7 +87,7 @@ class DiskTier:
             eviction_policy="least-recently-stored",  # reads stay reads (LRU writes on every get)
             timeout=1.0,  # SQLite busy timeout: a contended write gives up instead of piling up
         )
-        self._inode = os.stat(self.path).st_ino
+        self._inode = os.stat(self._db).st_ino
 
     def _drop(self, why: str) -> None:
         if self.available:
@@ -100,7 +104,7 @@ class DiskTier:
         if not self.available:
             return None
         try:
-            inode: int | None = os.stat(self.path).st_ino
+            inode: int | None = os.stat(self._db).st_ino
         except OSError:
             inode = None
         if inode == self._inode:
