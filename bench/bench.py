@@ -367,6 +367,20 @@ def check(port: int, path: str) -> str:
         return f"{status} ? ({exc.__class__.__name__})"
 
 
+def renders(port: int) -> float | None:
+    """Transforms actually rendered so far (all workers), from /metrics; None if unavailable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("image_transforms_total")
+    )
+
+
 def measure(port: int, pgid: int | None, template: str, duration: float, warmup: float) -> dict:
     paths = paths_file(template)
     try:
@@ -377,10 +391,15 @@ def measure(port: int, pgid: int | None, template: str, duration: float, warmup:
         quiesce()
         tck = os.sysconf("SC_CLK_TCK")
         t0 = group_ticks(pgid) if pgid else 0
+        n0 = renders(port) if pgid else None
         b0, c0 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
         w0 = time.monotonic()
         r = wrk(port, paths, duration)
         wall = time.monotonic() - w0
+        n1 = renders(port) if n0 is not None else None
+        if n0 is not None and n1 is not None and r["requests"]:
+            # < 1 when identical concurrent misses were coalesced (single-flight)
+            result["renders_per_req"] = (n1 - n0) / r["requests"]
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         client = (c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime) / wall
         busy = (busy_ticks() - b0) / tck / wall
@@ -418,6 +437,10 @@ def combine(parts: list[tuple[dict, dict | None]]) -> dict:
         r[k] = sum(m[k] for m in ms)
     for k in ("cpu", "foreign"):
         r[k] = sum(m.get(k, 0.0) for m in ms) / len(ms)
+    if all("renders_per_req" in m for m in ms):
+        r["renders_per_req"] = sum(m["renders_per_req"] * m["requests"] for m in ms) / max(
+            1, r["requests"]
+        )
     fl = [(m, f) for m, f in parts if f]
     if fl:
         r["floor"] = {k: sum(f[k] for _, f in fl) / len(fl) for k in fl[0][1]}
@@ -612,8 +635,8 @@ def report(results: dict) -> None:
     )
     if rows:
         head = ["wl", "req/s", "p50 ms", "p99 ms", "B/resp", "srv CPU", "RSS MB/wkr",
-                "floor dec", "floor render", "ours/render", "ours/dec", "fgn CPU", "check"]  # fmt: skip
-        widths = [4, 7, 7, 7, 7, 7, 10, 9, 12, 11, 8, 7, 22]
+                "floor dec", "floor render", "ours/render", "ours/dec", "rnd/req", "fgn CPU", "check"]  # fmt: skip
+        widths = [4, 7, 7, 7, 7, 7, 10, 9, 12, 11, 8, 7, 7, 22]
         print(fmt_row(head, widths))
         print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
         for wid, r in rows.items():
@@ -630,6 +653,7 @@ def report(results: dict) -> None:
                 f"{f['render']:.1f}" if f else "-",
                 f"{r['ratio_render']:.2f}" if f else "-",
                 f"{r['ratio_decode']:.2f}" if f else "-",
+                f"{r['renders_per_req']:.2f}" if "renders_per_req" in r and f else "-",
                 f"{r.get('foreign', 0):.2f}",
                 r["check"],
             ]
@@ -642,7 +666,9 @@ def report(results: dict) -> None:
             )
         print("floor = img/s in-process, 2 procs x 1 libvips thread: decode-only at our DCT shrink,"
               " and transform.render; HTTP and floor windows alternate (--slices), ratios are"
-              " paired per slice; p99 = worst slice")  # fmt: skip
+              " paired per slice; p99 = worst slice; rnd/req = renders per request from /metrics"
+              " (< 1: identical concurrent misses were coalesced by single-flight, so req/s"
+              " overstates the render rate)")  # fmt: skip
     if cache:
         base = cache.get("W1", {}).get("rps")
         ng = cache.get("nginx-W1", {}).get("rps")
