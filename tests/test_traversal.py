@@ -291,17 +291,7 @@ def test_file_swapped_for_an_escaping_symlink(tree: Path, plain: Server) -> None
         assert r.status == 404, (target, r.status)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "LocalSource.resolve memoises realpath() for 1 s (sources.py RESOLVE_TTL): when a "
-        "*directory* inside the root is swapped for a symlink to the outside, requests within "
-        "that second open <root>/dir/x.jpg through the new link and serve the outside file. "
-        "Only someone who can write under the root can do this (mount it read-only); closing "
-        "it needs a per-request realpath or an openat(O_NOFOLLOW) walk, which the memo exists "
-        "to avoid."
-    ),
-)
+# The realpath memo is trusted only while the path leads to the same (dev, inode).
 def test_directory_swapped_for_an_escaping_symlink(tree: Path, plain: Server) -> None:
     d = tree / "root" / "swapdir"
     d.mkdir()

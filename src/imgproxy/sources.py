@@ -45,7 +45,8 @@ class LocalSource:
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
-        self._resolved: dict[str, tuple[str, float]] = {}
+        # rel -> (real path, expiry, (st_dev, st_ino) of the file it led to)
+        self._resolved: dict[str, tuple[str, float, tuple[int, int]]] = {}
 
     def resolve(self, rel: str) -> str:
         """The real path of `rel`, which must stay under the root; NotFound otherwise.
@@ -53,32 +54,47 @@ class LocalSource:
         `rel` is already percent-decoded and segment-checked (params); resolving symlinks
         *after* decoding and *then* comparing against the real root is what makes a symlink
         (or a decoded `..`) unable to escape: the check sees the path the kernel will open.
-        realpath costs ~20 µs (an lstat per component), so the answer is memoised for one
-        second: a symlink swapped inside the root takes at most that long to be seen.
+        """
+        full = os.path.realpath(os.path.join(self.root, rel))
+        if not full.startswith(self._prefix):
+            raise NotFound()
+        return full
+
+    def locate(self, rel: str) -> Located:
+        """Stat `rel` under the root; NotFound if missing, not a file, or outside the root.
+
+        realpath costs ~20 µs (an lstat per component), so its answer is memoised for a
+        second, together with the identity (device, inode) of the file it led to. A memoised
+        path is only trusted while it still leads to that same file: a file or a directory
+        on the way swapped for a symlink (or a file replaced) makes it resolve afresh.
         """
         now = time.monotonic()
         hit = self._resolved.get(rel)
         if hit is not None and hit[1] > now:
-            return hit[0]
-        full = os.path.realpath(os.path.join(self.root, rel))
-        if not full.startswith(self._prefix):
-            raise NotFound()
+            st = self._lstat(hit[0])
+            if (st.st_dev, st.st_ino) == hit[2]:
+                return self._located(hit[0], st)
+        full = self.resolve(rel)
+        st = self._lstat(full)
         if len(self._resolved) >= self.RESOLVE_MAX:
             self._resolved.clear()
-        self._resolved[rel] = (full, now + self.RESOLVE_TTL)
-        return full
+        self._resolved[rel] = (full, now + self.RESOLVE_TTL, (st.st_dev, st.st_ino))
+        return self._located(full, st)
 
-    def locate(self, rel: str) -> Located:
-        """Stat `rel` under the root; NotFound if missing, not a file, or outside the root."""
-        full = self.resolve(rel)
+    @staticmethod
+    def _lstat(full: str) -> os.stat_result:
         try:
-            # lstat: `full` has no symlinks when resolved; if its last component is one now,
-            # the file was swapped for a link since (the memo is up to 1 s old): refuse it.
+            # lstat: a resolved path has no symlinks; if its last component is one now, the
+            # file was swapped for a link since: refuse it (read_file opens with O_NOFOLLOW).
             st = os.lstat(full)
         except (OSError, ValueError):
             raise NotFound() from None
         if not stat.S_ISREG(st.st_mode):
             raise NotFound()
+        return st
+
+    @staticmethod
+    def _located(full: str, st: os.stat_result) -> Located:
         return Located(
             origin="local",
             identity=f"{st.st_size:x}-{st.st_mtime_ns:x}",
