@@ -140,3 +140,9 @@ def test_cli_check_config(
     err = capsys.readouterr().err
     assert "IMAGE_PROXY_JPEG_QUALITY='high'" in err and "IMAGE_PROXY_WORKERS='0'" in err
     assert main(["--bogus"]) == 2
+
+
+def test_readme_documents_every_variable() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for var in VARS:
+        assert f"| `{var.env}` |" in readme, var.env
