@@ -39,5 +39,8 @@ fmt: install
 pyz: install
 	bash build/shiv.sh
 
+bench: install
+	$(BIN)/python bench/bench.py
+
 clean:
 	rm -rf $(VENV) imgproxy.pyz .pytest_cache .ruff_cache .mypy_cache

@@ -6,6 +6,7 @@ Every per-worker resource (executors, HTTP client, cache handles, metrics) is cr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -207,7 +208,7 @@ async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPRe
     if settings.cache_control:
         headers["Cache-Control"] = settings.cache_control
     if reply.last_modified is not None:
-        headers["Last-Modified"] = formatdate(reply.last_modified, usegmt=True)
+        headers["Last-Modified"] = http_date(int(reply.last_modified))
     if reply.x_cache:
         headers["X-Cache"] = reply.x_cache
     if reply.status == 304:
@@ -221,6 +222,12 @@ async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPRe
             await response.send(chunk)
     await response.eof()
     return response  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date(seconds: int) -> str:
+    """Last-Modified text; memoised, since the same few mtimes are formatted again and again."""
+    return formatdate(seconds, usegmt=True)
 
 
 def error_response(exc: ImgProxyError) -> HTTPResponse:

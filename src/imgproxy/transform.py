@@ -229,14 +229,15 @@ def _to_srgb(image: pyvips.Image) -> pyvips.Image:
 
 
 def _encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes:
+    data: bytes
     if fmt == "jpeg":
-        return image.jpegsave_buffer(
+        data = image.jpegsave_buffer(
             Q=max(1, o.jpeg_quality), optimize_coding=True, keep=_KEEP_NONE
         )
-    if fmt == "webp":
-        return image.webpsave_buffer(Q=o.webp_quality, effort=o.webp_effort, keep=_KEEP_NONE)
-    if fmt == "avif":
-        return image.heifsave_buffer(
+    elif fmt == "webp":
+        data = image.webpsave_buffer(Q=o.webp_quality, effort=o.webp_effort, keep=_KEEP_NONE)
+    elif fmt == "avif":
+        data = image.heifsave_buffer(
             Q=max(1, o.avif_quality),
             effort=o.avif_effort,
             compression="av1",
@@ -244,4 +245,6 @@ def _encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes:
             bitdepth=8,
             keep=_KEEP_NONE,
         )
-    return image.pngsave_buffer(compression=o.png_compression, keep=_KEEP_NONE)
+    else:
+        data = image.pngsave_buffer(compression=o.png_compression, keep=_KEEP_NONE)
+    return data
