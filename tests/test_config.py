@@ -145,4 +145,4 @@ def test_cli_check_config(
 def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for var in VARS:
-        assert f"| `{var.env}` |" in readme, var.env
+        assert f"| `{var.env}` | `{var.shown_default}` |" in readme, var.env

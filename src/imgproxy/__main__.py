@@ -30,10 +30,7 @@ def help_text() -> str:
         if var.group != group:
             group = var.group
             lines.append(f"\n{group}:")
-        default = var.default if var.default else "(unset)"
-        if var.attr in ("workers", "transform_threads"):
-            default = "(number of CPUs)"
-        lines.append(f"  {var.env:<38} {default!s:<40} {var.help}")
+        lines.append(f"  {var.env:<38} {var.shown_default:<40} {var.help}")
     return "\n".join(lines) + "\n"
 
 

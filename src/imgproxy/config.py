@@ -26,6 +26,7 @@ LOG_LEVELS = {
     "ERROR": "ERROR",
     "OFF": "CRITICAL",
 }
+CPU_DEFAULTS = ("workers", "transform_threads")  # empty or unset: the CPU count
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -159,6 +160,13 @@ class Var:
     parse: Callable[[str], Any]
     help: str
     group: str
+
+    @property
+    def shown_default(self) -> str:
+        """The default as documented (`--help`, README)."""
+        if self.attr in CPU_DEFAULTS:
+            return "number of CPUs"
+        return self.default or "(unset)"
 
 
 MiB = 1024 * 1024
@@ -464,7 +472,7 @@ class Settings:
         problems: list[str] = []
         for var in VARS:
             raw = env.get(var.env)
-            if var.attr in ("workers", "transform_threads") and not raw:
+            if var.attr in CPU_DEFAULTS and not raw:
                 values[var.attr] = cpu_count()
                 continue
             try:
