@@ -176,8 +176,6 @@ async def image(request: Request, path: str) -> HTTPResponse:
     kind = "other"
     try:
         spec = params.parse(request.path, request.query_string, request.headers, settings)
-        if spec.format:
-            kind = "transform"
         cond = Conditional(
             request.headers.get("if-none-match"), request.headers.get("if-modified-since")
         )
