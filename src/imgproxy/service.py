@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -250,11 +249,10 @@ class ImageService:
         waiting = self.pending > self.settings.transform_threads
         if waiting:
             self.metrics.queue_depth.inc()
-        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             rendered = await loop.run_in_executor(
-                self.executor, self._render_job, located, spec, started, waiting
+                self.executor, self._render_job, located, spec, waiting
             )
         finally:
             self.pending -= 1
@@ -285,9 +283,7 @@ class ImageService:
         self._background.discard(fut)
         self._writing.pop(key, None)
 
-    def _render_job(
-        self, located: Located, spec: TransformSpec, queued_at: float, waiting: bool
-    ) -> Rendered:
+    def _render_job(self, located: Located, spec: TransformSpec, waiting: bool) -> Rendered:
         """Runs in an executor thread: read, sniff, check limits, transform."""
         if waiting:
             self.metrics.queue_depth.dec()
