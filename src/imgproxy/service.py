@@ -145,18 +145,18 @@ class ImageService:
         located = await self.locate(spec.path)
         etag = f'"{located.identity}"'
         reply = Reply(200, "", etag, located.mtime, "passthrough", size=located.size)
+        if _not_modified(cond, etag, located.mtime):
+            reply.status = 304  # the client holds these very bytes: nothing to read
+            return reply
         if located.data is not None:
-            body, ctype = located.data, self._sniffed(located, located.data)
+            body, reply.content_type = located.data, self._sniffed(located, located.data)
         elif located.size > STREAM_FILE:
             reply.stream_path = located.path
-            body, ctype = b"", self._sniffed(located, read_file(located.path or "", 64))
+            reply.content_type = self._sniffed(located, read_file(located.path or "", 64))
+            return reply
         else:
-            body, ctype = await self._read_small(located)
-        reply.content_type = ctype
-        if _not_modified(cond, etag, located.mtime):
-            reply.status, reply.stream_path = 304, None
-        elif reply.stream_path is None:
-            reply.body, reply.size = body, len(body)
+            body, reply.content_type = await self._read_small(located)
+        reply.body, reply.size = body, len(body)
         return reply
 
     def _sniffed(self, located: Located, head: bytes) -> str:
