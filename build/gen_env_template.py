@@ -22,7 +22,6 @@ from imgproxy.config import VARS  # noqa: E402
 
 TEMPLATE = ROOT / ".env.template"
 DOCKERFILE = ROOT / "Dockerfile"
-CPU_DEFAULT = ("workers", "transform_threads")
 
 HEADER = """\
 # imgproxy settings for `docker compose`: cp .env.template .env, then uncomment and edit.
@@ -62,8 +61,8 @@ def render() -> str:
         note = var.help
         if var.env in in_image and in_image[var.env] != var.default:
             note += f" [image: {in_image[var.env]}; built-in default: {var.default or 'unset'}]"
-        elif var.attr in CPU_DEFAULT:
-            pass  # the help text already says "default: number of CPUs"
+        elif var.shown:
+            note += f" [default: {var.shown}]"
         elif not var.default:
             note += " [default: unset]"
         out.append(f"# {note}\n")

@@ -16,29 +16,29 @@ def env(root: Path, **kw: str) -> dict[str, str]:
 
 def test_defaults_match_the_seed(tmp_path: Path) -> None:
     s = Settings.from_env(env(tmp_path))
-    assert s.bind == ("0.0.0.0", 8000)
-    assert (s.avif_speed, s.avif_quality, s.jpeg_quality) == (6, 85, 75)
-    assert (s.webp_quality, s.webp_effort, s.png_compression) == (80, 4, 6)
-    assert s.resize_algorithm == "auto"
-    assert s.enable_cache is False and s.enable_disk_cache is False
-    assert s.cache_memory_size == 104857600 and s.cache_max_item_size == 1048576
-    assert s.cache_disk_size == 536870912 and s.cache_disk_path == "./cache"
-    assert s.cache_control == "public, max-age=31536000, no-transform"
-    assert s.fallback_url == "" and s.fallback_max_size == 5242880
-    assert s.strip_path == ""
-    assert s.log_level == "INFO"
-    assert s.workers >= 1 and s.transform_threads >= 1
-    assert s.max_source_pixels == 8192 * 8192
+    assert s.server.bind == ("0.0.0.0", 8000)
+    assert (s.encode.avif_speed, s.encode.avif_quality, s.encode.jpeg_quality) == (6, 85, 75)
+    assert (s.encode.webp_quality, s.encode.webp_effort, s.encode.png_compression) == (80, 4, 6)
+    assert s.images.resize_algorithm == "auto"
+    assert s.cache.enabled is False and s.cache.disk_enabled is False
+    assert s.cache.memory_size == 104857600 and s.cache.max_item_size == 1048576
+    assert s.cache.disk_size == 536870912 and s.cache.disk_path == "./cache"
+    assert s.images.cache_control == "public, max-age=31536000, no-transform"
+    assert s.fallback.url == "" and s.fallback.max_size == 5242880
+    assert s.images.strip_path == ""
+    assert s.server.log_level == "INFO"
+    assert s.server.workers >= 1 and s.limits.transform_threads >= 1
+    assert s.limits.max_source_pixels == 8192 * 8192
 
 
 @pytest.mark.parametrize("raw", ["true", "TRUE", "1", "yes", "On", " on "])
 def test_booleans_true(tmp_path: Path, raw: str) -> None:
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).enable_cache is True
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).cache.enabled is True
 
 
 @pytest.mark.parametrize("raw", ["false", "False", "0", "no", "OFF"])
 def test_booleans_false(tmp_path: Path, raw: str) -> None:
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).enable_cache is False
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_ENABLE_CACHE=raw)).cache.enabled is False
 
 
 def test_every_bad_variable_is_listed_at_once(tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_every_bad_variable_is_listed_at_once(tmp_path: Path) -> None:
         IMAGE_PROXY_WEBP_EFFORT="-1",
         IMAGE_PROXY_ENABLE_CACHE="maybe",
         IMAGE_PROXY_BIND_ADDRESS="nowhere",
-        IMAGE_PROXY_RESIZE_ALGORITHM="bicubic",
+        IMAGE_PROXY_RESIZE_ALGORITHM="cubic",
         IMAGE_PROXY_FALLBACK_IMAGE_URL="ftp://x/",
     )
     with pytest.raises(ConfigError) as info:
@@ -61,7 +61,7 @@ def test_every_bad_variable_is_listed_at_once(tmp_path: Path) -> None:
         "IMAGE_PROXY_WEBP_EFFORT='-1'",
         "IMAGE_PROXY_ENABLE_CACHE='maybe'",
         "IMAGE_PROXY_BIND_ADDRESS='nowhere'",
-        "IMAGE_PROXY_RESIZE_ALGORITHM='bicubic'",
+        "IMAGE_PROXY_RESIZE_ALGORITHM='cubic'",
         "IMAGE_PROXY_FALLBACK_IMAGE_URL='ftp://x/'",
     ):
         assert name in message
@@ -78,9 +78,9 @@ def test_ranges_edges(tmp_path: Path) -> None:
     s = Settings.from_env(
         env(tmp_path, IMAGE_PROXY_AVIF_SPEED="10", IMAGE_PROXY_PNG_COMPRESSION_LEVEL="0")
     )
-    assert s.avif_speed == 10 and s.avif_effort == 0
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_AVIF_SPEED="1")).avif_effort == 8
-    assert Settings.from_env(env(tmp_path)).avif_effort == 3  # AV1 speed 6
+    assert s.encode.avif_speed == 10 and s.encode.avif_effort == 0
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_AVIF_SPEED="1")).encode.avif_effort == 8
+    assert Settings.from_env(env(tmp_path)).encode.avif_effort == 3  # AV1 speed 6
     with pytest.raises(ConfigError):
         Settings.from_env(env(tmp_path, IMAGE_PROXY_PNG_COMPRESSION_LEVEL="10"))
     with pytest.raises(ConfigError):
@@ -88,11 +88,11 @@ def test_ranges_edges(tmp_path: Path) -> None:
 
 
 def test_bind_address_forms(tmp_path: Path) -> None:
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="[::]:9000")).bind == (
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="[::]:9000")).server.bind == (
         "::",
         9000,
     )
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="127.0.0.1:1")).bind == (
+    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_BIND_ADDRESS="127.0.0.1:1")).server.bind == (
         "127.0.0.1",
         1,
     )
@@ -101,26 +101,31 @@ def test_bind_address_forms(tmp_path: Path) -> None:
 
 
 def test_log_level_and_rust_log(tmp_path: Path) -> None:
-    assert Settings.from_env(env(tmp_path, RUST_LOG="debug")).log_level == "DEBUG"
-    assert Settings.from_env(env(tmp_path, RUST_LOG="image_proxy=warn")).log_level == "WARNING"
+    assert Settings.from_env(env(tmp_path, RUST_LOG="debug")).server.log_level == "DEBUG"
+    assert (
+        Settings.from_env(env(tmp_path, RUST_LOG="image_proxy=warn")).server.log_level == "WARNING"
+    )
     both = env(tmp_path, RUST_LOG="debug", IMAGE_PROXY_LOG_LEVEL="ERROR")
-    assert Settings.from_env(both).log_level == "ERROR"
+    assert Settings.from_env(both).server.log_level == "ERROR"
     with pytest.raises(ConfigError, match=r"IMAGE_PROXY_LOG_LEVEL"):
         Settings.from_env(env(tmp_path, IMAGE_PROXY_LOG_LEVEL="loud"))
 
 
 def test_empty_cache_control_means_no_header(tmp_path: Path) -> None:
-    assert Settings.from_env(env(tmp_path, IMAGE_PROXY_CACHE_CONTROL_HEADER="")).cache_control == ""
+    assert (
+        Settings.from_env(env(tmp_path, IMAGE_PROXY_CACHE_CONTROL_HEADER="")).images.cache_control
+        == ""
+    )
 
 
 def test_fallback_url_gets_trailing_slash(tmp_path: Path) -> None:
     s = Settings.from_env(env(tmp_path, IMAGE_PROXY_FALLBACK_IMAGE_URL="https://ex.com/images"))
-    assert s.fallback_url == "https://ex.com/images/"
+    assert s.fallback.url == "https://ex.com/images/"
 
 
 def test_strip_path_normalised(tmp_path: Path) -> None:
     s = Settings.from_env(env(tmp_path, IMAGE_PROXY_STRIP_PATH="/static/image/"))
-    assert s.strip_path == "static/image"
+    assert s.images.strip_path == "static/image"
 
 
 def test_help_lists_every_variable() -> None:

@@ -51,6 +51,6 @@ def test_uncommenting_every_line_is_a_valid_config(tmp_path: Path) -> None:
     env = entries((ROOT / ".env.template").read_text())
     env["IMAGE_PROXY_ROOT_PATH"] = str(tmp_path)  # /app/data exists in the container only
     settings = Settings.from_env(env)
-    assert settings.workers >= 1 and settings.transform_threads >= 1  # empty = CPUs
-    assert settings.cache_control == "public, max-age=31536000, no-transform"
-    assert settings.cache_disk_path == "/var/cache/imgproxy"
+    assert settings.server.workers >= 1 and settings.limits.transform_threads >= 1  # empty = CPUs
+    assert settings.images.cache_control == "public, max-age=31536000, no-transform"
+    assert settings.cache.disk_path == "/var/cache/imgproxy"

@@ -11,6 +11,7 @@ CI runs are short. Longer runs: `IMGPROXY_FUZZ_EXAMPLES=20000 .venv/bin/pytest t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Iterator
@@ -25,7 +26,13 @@ from hypothesis import strategies as st
 
 from conftest import Server, app_server, make_settings
 from imgproxy import params, sniff, transform
-from imgproxy.config import ConfigError, Settings, _strip_path
+from imgproxy.config import (
+    FORMAT_ALIASES,
+    ConfigError,
+    Settings,
+    _strip_path,
+    default_encode_options,
+)
 from imgproxy.errors import ImgProxyError, UnprocessableImage
 from imgproxy.sources import _http_date
 
@@ -84,7 +91,7 @@ def _assert_safe(path: str) -> None:
     assert not any(ch < " " or ch == "\x7f" for ch in path)
     path.encode("utf-8")  # strict: no lone surrogates (they cannot be opened or hashed)
     name = segments[-1]
-    assert name.rpartition(".")[2].lower() in sniff.EXTENSIONS
+    assert name.rpartition(".")[2].lower() in FORMAT_ALIASES
 
 
 @PARSER
@@ -169,7 +176,9 @@ def test_parse_only_typed_errors(
 ) -> None:
     strip_path = _strip(strip)
     assume(strip_path is not None)
-    s = base_settings.replace(strip_path=strip_path)
+    s = dataclasses.replace(
+        base_settings, images=dataclasses.replace(base_settings.images, strip_path=strip_path)
+    )
     headers = {} if dpr_header is None else {"sec-ch-dpr": dpr_header}
     try:
         spec = params.parse("/" + raw, query, headers, s)
@@ -283,7 +292,7 @@ def test_render_only_raises_unprocessable(
     assert kind is not None
     try:
         rendered = transform.render(
-            data, kind, out, target, algorithm, MAX_PIXELS, transform.EncodeOptions()
+            data, kind, out, target, algorithm, MAX_PIXELS, default_encode_options()
         )
     except UnprocessableImage:
         return

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from conftest import MAGIC, Server, photo
+from conftest import MAGIC, Server, metric_total, photo
 
 CACHE_CONTROL = "public, max-age=31536000, no-transform"
 
@@ -283,8 +283,32 @@ def test_health_and_metrics(server: Server) -> None:
     server.get("/landscape.jpg?size=50")
     m = server.get("/metrics")
     assert m.status == 200 and m.headers["content-type"].startswith("text/plain")
-    assert 'image_requests_total{format="jpeg",status="ok"}' in m.text
+    assert 'image_requests_total{format="jpg",status="ok"}' in m.text  # the extension, as asked
     assert 'image_pipeline_step_duration_seconds_bucket{le="+Inf",step="decode"}' in m.text
+
+
+@pytest.mark.parametrize(
+    ("url", "label"),
+    [
+        ("/landscape.jpg?size=50", "jpg"),
+        ("/landscape.jpg?format=JPG", "jpg"),
+        ("/landscape.jpg?format=jpeg", "jpeg"),
+        ("/landscape.jpg?format=WebP", "webp"),
+        ("/alpha.png", "png"),
+        ("/missing.JPG", "jpg"),
+        ("/noextension", "unknown"),
+        ("/notes.txt", "other"),
+        ("/landscape.jpg?format=bogus", "other"),
+    ],
+    ids=lambda v: v,
+)
+def test_requests_metric_format_label_is_the_originals(
+    server: Server, url: str, label: str
+) -> None:
+    before = metric_total(server.get("/metrics").text, "image_requests_total", format=label)
+    server.get(url)
+    after = metric_total(server.get("/metrics").text, "image_requests_total", format=label)
+    assert after == before + 1
 
 
 def test_health_and_metrics_win_over_files(serve: Callable[..., Server], tmp_path: Path) -> None:

@@ -57,8 +57,8 @@ def serve(settings: Settings) -> None:
 
     loader = AppLoader(factory=partial(create_app, settings))
     app = loader.load()
-    host, port = settings.bind
-    app.prepare(host=host, port=port, workers=settings.workers)
+    host, port = settings.server.bind
+    app.prepare(host=host, port=port, workers=settings.server.workers)
     Sanic.serve(primary=app, app_loader=loader)
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["--check-config"]:
         print("imgproxy: configuration OK")
         return 0
-    if settings.log_level != "DEBUG":
+    if settings.server.log_level != "DEBUG":
         os.environ.setdefault("VIPS_WARNING", "0")  # libvips' stderr noise on bad input
     created = prepare_metrics_dir()
     try:

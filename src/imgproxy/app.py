@@ -21,12 +21,11 @@ from sanic.exceptions import BadURL, SanicException
 
 from . import __version__, params, transform
 from .cache import DiskTier, MemoryTier, TieredCache
-from .config import Settings
+from .config import FORMAT_ALIASES, Settings
 from .errors import ImgProxyError, Overloaded, status_label
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, mark_process_dead
 from .service import Conditional, ImageService, Reply
-from .sniff import EXTENSIONS
 from .sources import HttpSource, stream_file
 
 log = logging.getLogger("imgproxy")
@@ -72,10 +71,10 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     # `sanic imgproxy.app:create_app --factory` passes its argparse Namespace: ignore it.
     if not isinstance(settings, Settings):
         settings = Settings.from_env()
-    configure_logging(settings.log_level)
+    configure_logging(settings.server.log_level)
     app = Sanic("imgproxy", config=Config(defaults=SANIC_DEFAULTS), request_class=ImgRequest)
     app.ctx.settings = settings
-    if settings.log_level == "DEBUG" and "SANIC_ACCESS_LOG" not in os.environ:
+    if settings.server.log_level == "DEBUG" and "SANIC_ACCESS_LOG" not in os.environ:
         app.config.ACCESS_LOG = True  # RUST_LOG=DEBUG: one line per request, as the original
     app.add_route(health, "/health", methods=["GET", "HEAD"])
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
@@ -101,36 +100,36 @@ def configure_logging(level: str) -> None:
 
 async def start_worker(app: Sanic[Any, Any]) -> None:
     s: Settings = app.ctx.settings
-    transform.configure(s.vips_concurrency)
+    transform.configure(s.limits.vips_concurrency)
     m = Metrics()
     cache = None
-    if s.enable_cache:
+    if s.cache.enabled:
         disk = None
-        if s.enable_disk_cache:
-            disk = DiskTier(s.cache_disk_path, s.cache_disk_size, m.cache_errors.labels("disk").inc)
-        cache = TieredCache(MemoryTier(s.cache_memory_size, s.cache_max_item_size), disk)
-    elif s.enable_disk_cache:
+        if s.cache.disk_enabled:
+            disk = DiskTier(s.cache.disk_path, s.cache.disk_size, m.cache_errors.labels("disk").inc)
+        cache = TieredCache(MemoryTier(s.cache.memory_size, s.cache.max_item_size), disk)
+    elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
     http = None
-    if s.fallback_url:
+    if s.fallback.url:
         app.ctx.http_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.fallback_timeout, connect=min(5.0, s.fallback_timeout)),
+            timeout=httpx.Timeout(s.fallback.timeout, connect=min(5.0, s.fallback.timeout)),
             follow_redirects=False,  # redirects are followed by hand and re-checked (SSRF)
             trust_env=False,  # no HTTP(S)_PROXY / NO_PROXY surprises from the environment
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             headers={"User-Agent": f"imgproxy/{__version__}"},
         )
         http = HttpSource(
-            s.fallback_url,
+            s.fallback.url,
             app.ctx.http_client,
-            s.fallback_max_size,
-            s.fallback_timeout,
-            s.fallback_max_redirects,
+            s.fallback.max_size,
+            s.fallback.timeout,
+            s.fallback.max_redirects,
         )
     app.ctx.service = ImageService(
         settings=s,
         metrics=m,
-        executor=ThreadPoolExecutor(s.transform_threads, thread_name_prefix="imgproxy-vips"),
+        executor=ThreadPoolExecutor(s.limits.transform_threads, thread_name_prefix="imgproxy-vips"),
         io_executor=ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io"),
         cache=cache,
         http=http,
@@ -160,11 +159,21 @@ async def metrics(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
 
 
-def _format_label(path: str, reply: Reply | None) -> str:
-    if reply is not None and reply.content_type:
-        return reply.content_type.rpartition("/")[2]
-    name = path.rpartition("/")[2]
-    return EXTENSIONS.get(name.rpartition(".")[2].lower(), "unknown") if "." in name else "unknown"
+_LABEL_FORMATS = frozenset(FORMAT_ALIASES)  # avif jpeg jpg png webp, spelled as asked
+
+
+def _format_label(path: str, asked: str | None) -> str:
+    """`format` of image_requests_total, as the original: the `format` parameter lowercased
+    (`jpg` stays `jpg`), else the file's extension lowercased, `unknown` without one. Values
+    outside the five names become `other`, so a client cannot mint label values."""
+    if asked:
+        value = asked.lower()
+    else:
+        name = path.rpartition("/")[2]
+        if "." not in name:
+            return "unknown"
+        value = name.rpartition(".")[2].lower()
+    return value if value in _LABEL_FORMATS else "other"
 
 
 async def image(request: Request, path: str) -> HTTPResponse:
@@ -196,15 +205,19 @@ async def image(request: Request, path: str) -> HTTPResponse:
         reply.size if reply is not None and reply.status == 200 and request.method == "GET" else 0
     )
     service.observe(
-        _format_label(path, reply), status_label(status), kind, time.perf_counter() - started, sent
+        _format_label(path, request.args.get("format")),
+        status_label(status),
+        kind,
+        time.perf_counter() - started,
+        sent,
     )
     return response
 
 
 async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
     headers: dict[str, str] = {"Vary": "Sec-CH-DPR", "ETag": reply.etag}
-    if settings.cache_control:
-        headers["Cache-Control"] = settings.cache_control
+    if settings.images.cache_control:
+        headers["Cache-Control"] = settings.images.cache_control
     if reply.last_modified is not None:
         headers["Last-Modified"] = http_date(int(reply.last_modified))
     if reply.x_cache:

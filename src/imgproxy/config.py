@@ -1,21 +1,26 @@
-"""Settings: one frozen dataclass built from an environment mapping.
+"""Settings: frozen groups of variables, each declared once, built from an environment mapping.
 
-`Settings.from_env(environ)` validates every variable and raises one `ConfigError` that lists
-*every* bad variable with its value and the allowed range, so an operator fixes them all at
-once (the original silently fell back to defaults).  `VARS` is the single table of variables:
-the parser, `--help`, the README and `.env.template` all follow it.
+Every variable is one dataclass field: `setting(env, default, parser, help)`. The groups
+(server, images, encode, limits, cache, fallback, security, observability) are frozen
+dataclasses; `Settings` holds one of each. `Settings.from_env(environ)` validates every
+variable and raises one `ConfigError` that lists *every* bad variable with its value and the
+allowed range, so an operator fixes them all at once (the original silently fell back to
+defaults); a secret's value is never shown. `VARS` (derived from the fields) is the table that
+`--help`, the README and `.env.template` follow.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 FORMATS = ("avif", "jpeg", "png", "webp")
+FORMAT_ALIASES = {"avif": "avif", "jpeg": "jpeg", "jpg": "jpeg", "png": "png", "webp": "webp"}
 ALGORITHMS = ("lanczos3", "thumbnail", "auto")
 LOG_LEVELS = {
     "TRACE": "DEBUG",
@@ -26,9 +31,10 @@ LOG_LEVELS = {
     "ERROR": "ERROR",
     "OFF": "CRITICAL",
 }
-CPU_DEFAULTS = ("workers", "transform_threads")  # empty or unset: the CPU count
+MIN_SIGNATURE_KEY = 32
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 class ConfigError(Exception):
@@ -152,304 +158,193 @@ def _log_level(raw: str) -> str:
     raise ValueError("not a log level (allowed TRACE, DEBUG, INFO, WARN, ERROR)")
 
 
+def _or_cpus(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """Empty or unset: the CPU count."""
+
+    def wrapped(raw: str) -> int:
+        return cpu_count() if not raw.strip() else parse(raw)
+
+    return wrapped
+
+
+def _csv(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def _formats(raw: str) -> tuple[str, ...]:
+    """Comma list of formats (`jpg` = `jpeg`), order kept, duplicates dropped."""
+    out: list[str] = []
+    for item in _csv(raw):
+        fmt = FORMAT_ALIASES.get(item.lower())
+        if fmt is None:
+            raise ValueError(f"{item!r} is not a format (allowed avif, jpeg, jpg, png, webp)")
+        if fmt not in out:
+            out.append(fmt)
+    return tuple(out)
+
+
+def _format_set(raw: str) -> frozenset[str]:
+    return frozenset(_formats(raw) or FORMATS)
+
+
+def _sizes(raw: str) -> tuple[int, ...]:
+    parse = _int(1, 65535)
+    try:
+        return tuple(sorted({parse(item) for item in _csv(raw)}))
+    except ValueError:
+        raise ValueError("not a comma list of integers 1..65535") from None
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    keys = tuple(_csv(raw))
+    short = [i + 1 for i, k in enumerate(keys) if len(k) < MIN_SIGNATURE_KEY]
+    if short:
+        which = ", ".join(f"#{i}" for i in short)
+        raise ValueError(f"key {which} shorter than {MIN_SIGNATURE_KEY} characters")
+    return keys
+
+
+def _header_name(raw: str) -> str:
+    s = raw.strip()
+    if s and not _HEADER_NAME.fullmatch(s):
+        raise ValueError("not an HTTP header name (e.g. X-Cache; empty: no header)")
+    return s
+
+
+def _redis_url(raw: str) -> str:
+    s = raw.strip()
+    if s and urlsplit(s).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("not a redis://, rediss:// or unix:// URL")
+    return s
+
+
 @dataclass(frozen=True)
 class Var:
+    """One environment variable: its name, default text, parser, help and documented default."""
+
     env: str
-    attr: str
     default: str
     parse: Callable[[str], Any]
     help: str
-    group: str
+    shown: str = ""  # the default as documented, when the raw default text is not it
+    secret: bool = False  # never echo the value
+    aliases: tuple[str, ...] = ()  # read when `env` is unset (RUST_LOG)
+    attr: str = ""  # field name; set by the group
+    group: str = ""  # group title; set by the group
 
     @property
     def shown_default(self) -> str:
         """The default as documented (`--help`, README)."""
-        if self.attr in CPU_DEFAULTS:
-            return "number of CPUs"
-        return self.default or "(unset)"
+        return self.shown or self.default or "(unset)"
 
 
+def setting(
+    env: str,
+    default: str,
+    parse: Callable[[str], Any],
+    help: str,
+    *,
+    shown: str = "",
+    secret: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A dataclass field declaring the variable that fills it."""
+    return field(metadata={"var": Var(env, default, parse, help, shown, secret, aliases)})
+
+
+T = TypeVar("T")
 MiB = 1024 * 1024
-
-VARS: tuple[Var, ...] = (
-    # server
-    Var(
-        "IMAGE_PROXY_BIND_ADDRESS",
-        "bind",
-        "0.0.0.0:8000",
-        _bind,
-        "TCP address and port to listen on",
-        "Server",
-    ),
-    Var(
-        "IMAGE_PROXY_WORKERS",
-        "workers",
-        "",
-        _int(1, 256),
-        "worker processes (default: number of CPUs)",
-        "Server",
-    ),
-    Var(
-        "IMAGE_PROXY_LOG_LEVEL",
-        "log_level",
-        "INFO",
-        _log_level,
-        "TRACE, DEBUG, INFO, WARN or ERROR (RUST_LOG is honoured too)",
-        "Server",
-    ),
-    # images
-    Var(
-        "IMAGE_PROXY_ROOT_PATH",
-        "root_path",
-        "/app/data",
-        _directory,
-        "root directory of the images to serve",
-        "Images",
-    ),
-    Var(
-        "IMAGE_PROXY_STRIP_PATH",
-        "strip_path",
-        "",
-        _strip_path,
-        "URL path prefix removed before lookup (e.g. static/image/)",
-        "Images",
-    ),
-    Var(
-        "IMAGE_PROXY_RESIZE_ALGORITHM",
-        "resize_algorithm",
-        "auto",
-        _choice(*ALGORITHMS),
-        "lanczos3, thumbnail or auto (per-request resize_algorithm overrides)",
-        "Images",
-    ),
-    Var(
-        "IMAGE_PROXY_CACHE_CONTROL_HEADER",
-        "cache_control",
-        "public, max-age=31536000, no-transform",
-        _text,
-        "Cache-Control of image responses (empty: no header)",
-        "Images",
-    ),
-    # encoders
-    Var(
-        "IMAGE_PROXY_AVIF_SPEED",
-        "avif_speed",
-        "6",
-        _int(1, 10),
-        "AVIF speed 1-10 (higher = faster); libvips effort = max(0, 9 - speed)",
-        "Encoders",
-    ),
-    Var(
-        "IMAGE_PROXY_AVIF_QUALITY",
-        "avif_quality",
-        "85",
-        _int(0, 100),
-        "AVIF quality 0-100",
-        "Encoders",
-    ),
-    Var(
-        "IMAGE_PROXY_JPEG_QUALITY",
-        "jpeg_quality",
-        "75",
-        _int(0, 100),
-        "JPEG quality 0-100",
-        "Encoders",
-    ),
-    Var(
-        "IMAGE_PROXY_WEBP_QUALITY",
-        "webp_quality",
-        "80",
-        _int(0, 100),
-        "WebP quality 0-100",
-        "Encoders",
-    ),
-    Var(
-        "IMAGE_PROXY_WEBP_EFFORT",
-        "webp_effort",
-        "4",
-        _int(0, 6),
-        "WebP effort 0-6 (higher = slower, smaller)",
-        "Encoders",
-    ),
-    Var(
-        "IMAGE_PROXY_PNG_COMPRESSION_LEVEL",
-        "png_compression",
-        "6",
-        _int(0, 9),
-        "PNG zlib level 0-9",
-        "Encoders",
-    ),
-    # fallback origin
-    Var(
-        "IMAGE_PROXY_FALLBACK_IMAGE_URL",
-        "fallback_url",
-        "",
-        _url,
-        "base URL fetched when a file is missing locally (e.g. https://example.com/images/)",
-        "Fallback",
-    ),
-    Var(
-        "IMAGE_PROXY_FALLBACK_IMAGE_MAX_SIZE",
-        "fallback_max_size",
-        str(5 * MiB),
-        _int(1, 1024 * MiB),
-        "largest fallback body in bytes",
-        "Fallback",
-    ),
-    Var(
-        "IMAGE_PROXY_FALLBACK_TIMEOUT",
-        "fallback_timeout",
-        "10",
-        _float(0.1, 300.0),
-        "total seconds for one fallback fetch (connect to last byte)",
-        "Fallback",
-    ),
-    Var(
-        "IMAGE_PROXY_FALLBACK_MAX_REDIRECTS",
-        "fallback_max_redirects",
-        "3",
-        _int(0, 10),
-        "redirects followed (each re-checked against the base URL)",
-        "Fallback",
-    ),
-    # cache
-    Var(
-        "IMAGE_PROXY_ENABLE_CACHE",
-        "enable_cache",
-        "false",
-        _bool,
-        "cache transformed images (per-worker memory tier)",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_CACHE_MEMORY_SIZE",
-        "cache_memory_size",
-        str(100 * MiB),
-        _int(0, 1 << 40),
-        "memory tier size per worker in bytes",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_CACHE_MAX_ITEM_SIZE",
-        "cache_max_item_size",
-        str(1 * MiB),
-        _int(0, 1 << 40),
-        "larger items skip the memory tier",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_ENABLE_DISK_CACHE",
-        "enable_disk_cache",
-        "false",
-        _bool,
-        "add a disk tier shared by all workers (needs ENABLE_CACHE)",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_CACHE_DISK_SIZE",
-        "cache_disk_size",
-        str(512 * MiB),
-        _int(MiB, 1 << 50),
-        "disk tier size in bytes",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_CACHE_DISK_PATH",
-        "cache_disk_path",
-        "./cache",
-        _text,
-        "disk tier directory (local disk, not NFS)",
-        "Cache",
-    ),
-    Var(
-        "IMAGE_PROXY_PASSTHROUGH_CACHE_SIZE",
-        "passthrough_cache_size",
-        str(64 * MiB),
-        _int(0, 1 << 40),
-        "per-worker memory for original files up to 1 MiB (revalidated by size+mtime per request)",
-        "Cache",
-    ),
-    # limits
-    Var(
-        "IMAGE_PROXY_MAX_SOURCE_PIXELS",
-        "max_source_pixels",
-        str(8192 * 8192),
-        _int(1, 1 << 40),
-        "larger sources (width x height from the header) are refused with 422",
-        "Limits",
-    ),
-    Var(
-        "IMAGE_PROXY_MAX_SOURCE_BYTES",
-        "max_source_bytes",
-        str(128 * MiB),
-        _int(1, 1 << 40),
-        "larger source files are not transformed (422)",
-        "Limits",
-    ),
-    Var(
-        "IMAGE_PROXY_TRANSFORM_THREADS",
-        "transform_threads",
-        "",
-        _int(1, 64),
-        "concurrent transforms per worker (default: number of CPUs)",
-        "Limits",
-    ),
-    Var(
-        "IMAGE_PROXY_TRANSFORM_QUEUE",
-        "transform_queue",
-        "64",
-        _int(0, 100000),
-        "transforms waiting per worker before 503",
-        "Limits",
-    ),
-    Var(
-        "IMAGE_PROXY_VIPS_CONCURRENCY",
-        "vips_concurrency",
-        "1",
-        _int(1, 64),
-        "libvips threads per transform",
-        "Limits",
-    ),
-)
+CPUS = "number of CPUs"
 
 
 @dataclass(frozen=True)
-class Settings:
-    # server
-    bind: tuple[str, int]
-    workers: int
-    log_level: str
-    # images
-    root_path: str
-    strip_path: str
-    resize_algorithm: str
-    cache_control: str
-    # encoders
-    avif_speed: int
-    avif_quality: int
-    jpeg_quality: int
-    webp_quality: int
-    webp_effort: int
-    png_compression: int
-    # fallback origin
-    fallback_url: str
-    fallback_max_size: int
-    fallback_timeout: float
-    fallback_max_redirects: int
-    # cache
-    enable_cache: bool
-    cache_memory_size: int
-    cache_max_item_size: int
-    enable_disk_cache: bool
-    cache_disk_size: int
-    cache_disk_path: str
-    passthrough_cache_size: int
-    # limits
-    max_source_pixels: int
-    max_source_bytes: int
-    transform_threads: int
-    transform_queue: int
-    vips_concurrency: int
+class Server:
+    bind: tuple[str, int] = setting(
+        "IMAGE_PROXY_BIND_ADDRESS", "0.0.0.0:8000", _bind, "TCP address and port to listen on"
+    )
+    workers: int = setting(
+        "IMAGE_PROXY_WORKERS", "", _or_cpus(_int(1, 256)), "worker processes", shown=CPUS
+    )
+    log_level: str = setting(
+        "IMAGE_PROXY_LOG_LEVEL",
+        "INFO",
+        _log_level,
+        "TRACE, DEBUG, INFO, WARN or ERROR (RUST_LOG is honoured too)",
+        aliases=("RUST_LOG",),
+    )
+
+
+@dataclass(frozen=True)
+class Images:
+    root_path: str = setting(
+        "IMAGE_PROXY_ROOT_PATH", "/app/data", _directory, "root directory of the images to serve"
+    )
+    strip_path: str = setting(
+        "IMAGE_PROXY_STRIP_PATH",
+        "",
+        _strip_path,
+        "URL path prefix removed before lookup (e.g. static/image/)",
+    )
+    resize_algorithm: str = setting(
+        "IMAGE_PROXY_RESIZE_ALGORITHM",
+        "auto",
+        _choice(*ALGORITHMS),
+        "lanczos3, thumbnail or auto (per-request resize_algorithm overrides)",
+    )
+    cache_control: str = setting(
+        "IMAGE_PROXY_CACHE_CONTROL_HEADER",
+        "public, max-age=31536000, no-transform",
+        _text,
+        "Cache-Control of image responses (empty: no header)",
+    )
+    preferred_formats: tuple[str, ...] = setting(
+        "IMAGE_PROXY_PREFERRED_FORMATS",
+        "",
+        _formats,
+        "formats negotiated from Accept, in order (e.g. avif,webp; empty: no negotiation)",
+    )
+    allowed_output_formats: frozenset[str] = setting(
+        "IMAGE_PROXY_ALLOWED_OUTPUT_FORMATS",
+        "",
+        _format_set,
+        "output formats allowed (comma list; empty: all)",
+    )
+    cache_status_header: str = setting(
+        "IMAGE_PROXY_CACHE_STATUS_HEADER",
+        "X-Cache",
+        _header_name,
+        "name of the HIT/MISS header (empty: no header)",
+    )
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """Encoder settings; they change the output bytes, so they are part of the cache key."""
+
+    avif_speed: int = setting(
+        "IMAGE_PROXY_AVIF_SPEED",
+        "6",
+        _int(1, 10),
+        "AVIF speed 1-10 (higher = faster); libvips effort = max(0, 9 - speed)",
+    )
+    avif_quality: int = setting(
+        "IMAGE_PROXY_AVIF_QUALITY", "85", _int(0, 100), "AVIF quality 0-100"
+    )
+    jpeg_quality: int = setting(
+        "IMAGE_PROXY_JPEG_QUALITY", "75", _int(0, 100), "JPEG quality 0-100"
+    )
+    webp_quality: int = setting(
+        "IMAGE_PROXY_WEBP_QUALITY", "80", _int(0, 100), "WebP quality 0-100"
+    )
+    webp_effort: int = setting(
+        "IMAGE_PROXY_WEBP_EFFORT", "4", _int(0, 6), "WebP effort 0-6 (higher = slower, smaller)"
+    )
+    webp_lossless: bool = setting(
+        "IMAGE_PROXY_WEBP_LOSSLESS", "false", _bool, "encode WebP losslessly"
+    )
+    png_compression: int = setting(
+        "IMAGE_PROXY_PNG_COMPRESSION_LEVEL", "6", _int(0, 9), "PNG zlib level 0-9"
+    )
 
     @property
     def avif_effort(self) -> int:
@@ -459,32 +354,228 @@ class Settings:
         """
         return max(0, 9 - self.avif_speed)
 
-    @property
-    def disk_cache_enabled(self) -> bool:
-        return self.enable_cache and self.enable_disk_cache
+
+@dataclass(frozen=True)
+class Limits:
+    max_source_pixels: int = setting(
+        "IMAGE_PROXY_MAX_SOURCE_PIXELS",
+        str(8192 * 8192),
+        _int(1, 1 << 40),
+        "larger sources (width x height from the header) are refused with 422",
+    )
+    max_source_bytes: int = setting(
+        "IMAGE_PROXY_MAX_SOURCE_BYTES",
+        str(128 * MiB),
+        _int(1, 1 << 40),
+        "larger source files are not transformed (422)",
+    )
+    transform_threads: int = setting(
+        "IMAGE_PROXY_TRANSFORM_THREADS",
+        "",
+        _or_cpus(_int(1, 64)),
+        "concurrent transforms per worker",
+        shown=CPUS,
+    )
+    transform_queue: int = setting(
+        "IMAGE_PROXY_TRANSFORM_QUEUE",
+        "64",
+        _int(0, 100000),
+        "transforms waiting per worker before 503",
+    )
+    vips_concurrency: int = setting(
+        "IMAGE_PROXY_VIPS_CONCURRENCY", "1", _int(1, 64), "libvips threads per transform"
+    )
+
+
+@dataclass(frozen=True)
+class Cache:
+    enabled: bool = setting(
+        "IMAGE_PROXY_ENABLE_CACHE",
+        "false",
+        _bool,
+        "cache transformed images (per-worker memory tier)",
+    )
+    memory_size: int = setting(
+        "IMAGE_PROXY_CACHE_MEMORY_SIZE",
+        str(100 * MiB),
+        _int(0, 1 << 40),
+        "memory tier size per worker in bytes",
+    )
+    max_item_size: int = setting(
+        "IMAGE_PROXY_CACHE_MAX_ITEM_SIZE",
+        str(1 * MiB),
+        _int(0, 1 << 40),
+        "larger items skip the memory tier",
+    )
+    disk_enabled: bool = setting(
+        "IMAGE_PROXY_ENABLE_DISK_CACHE",
+        "false",
+        _bool,
+        "add a disk tier shared by all workers (needs ENABLE_CACHE)",
+    )
+    disk_size: int = setting(
+        "IMAGE_PROXY_CACHE_DISK_SIZE", str(512 * MiB), _int(MiB, 1 << 50), "disk tier size in bytes"
+    )
+    disk_path: str = setting(
+        "IMAGE_PROXY_CACHE_DISK_PATH",
+        "./cache",
+        _text,
+        "disk tier directory (local disk, not NFS)",
+    )
+    passthrough_size: int = setting(
+        "IMAGE_PROXY_PASSTHROUGH_CACHE_SIZE",
+        str(64 * MiB),
+        _int(0, 1 << 40),
+        "per-worker memory for original files up to 1 MiB (revalidated by size+mtime per request)",
+    )
+    redis_url: str = setting(
+        "IMAGE_PROXY_REDIS_URL",
+        "",
+        _redis_url,
+        "Redis/Valkey tier shared by all replicas (redis://, rediss://, unix://; empty: off)",
+        secret=True,  # may hold a password
+    )
+    redis_ttl: int = setting(
+        "IMAGE_PROXY_REDIS_TTL", "604800", _int(1, 1 << 31), "seconds a Redis entry lives"
+    )
+    redis_prefix: str = setting(
+        "IMAGE_PROXY_REDIS_PREFIX", "imgproxy:", _text, "prefix of every Redis key"
+    )
+    redis_timeout: float = setting(
+        "IMAGE_PROXY_REDIS_TIMEOUT",
+        "0.1",
+        _float(0.005, 5.0),
+        "seconds one Redis call may take before the tier is skipped",
+    )
+
+
+@dataclass(frozen=True)
+class Fallback:
+    url: str = setting(
+        "IMAGE_PROXY_FALLBACK_IMAGE_URL",
+        "",
+        _url,
+        "base URL fetched when a file is missing locally (e.g. https://example.com/images/)",
+    )
+    max_size: int = setting(
+        "IMAGE_PROXY_FALLBACK_IMAGE_MAX_SIZE",
+        str(5 * MiB),
+        _int(1, 1024 * MiB),
+        "largest fallback body in bytes",
+    )
+    timeout: float = setting(
+        "IMAGE_PROXY_FALLBACK_TIMEOUT",
+        "10",
+        _float(0.1, 300.0),
+        "total seconds for one fallback fetch (connect to last byte)",
+    )
+    max_redirects: int = setting(
+        "IMAGE_PROXY_FALLBACK_MAX_REDIRECTS",
+        "3",
+        _int(0, 10),
+        "redirects followed (each re-checked against the base URL)",
+    )
+    revalidate_after: float = setting(
+        "IMAGE_PROXY_FALLBACK_REVALIDATE_AFTER",
+        "60",
+        _float(0.0, 86400.0),
+        "seconds a fallback answer without ETag/Last-Modified is reused before a new fetch",
+    )
+
+
+@dataclass(frozen=True)
+class Security:
+    signature_keys: tuple[str, ...] = setting(
+        "IMAGE_PROXY_SIGNATURE_KEYS",
+        "",
+        _keys,
+        "HMAC-SHA256 URL signing keys, comma-separated, each >= 32 chars (empty: no signing)",
+        secret=True,
+    )
+    allowed_sizes: tuple[int, ...] = setting(
+        "IMAGE_PROXY_ALLOWED_SIZES",
+        "",
+        _sizes,
+        "target edges allowed, comma-separated; others snap up to the next one (empty: any)",
+    )
+
+
+@dataclass(frozen=True)
+class Observability:
+    server_timing: bool = setting(
+        "IMAGE_PROXY_SERVER_TIMING", "true", _bool, "send a Server-Timing header"
+    )
+    access_log: bool = setting("IMAGE_PROXY_ACCESS_LOG", "false", _bool, "log one line per request")
+    log_format: str = setting(
+        "IMAGE_PROXY_LOG_FORMAT",
+        "text",
+        _choice("text", "json"),
+        "text or json (every line one JSON object)",
+    )
+
+
+GROUPS: tuple[tuple[str, str, type], ...] = (
+    ("server", "Server", Server),
+    ("images", "Images", Images),
+    ("encode", "Encoders", EncodeOptions),
+    ("limits", "Limits", Limits),
+    ("cache", "Cache", Cache),
+    ("fallback", "Fallback", Fallback),
+    ("security", "Security", Security),
+    ("observability", "Observability", Observability),
+)
+
+
+def _vars_of(title: str, group: type) -> list[Var]:
+    out = []
+    for f in fields(group):
+        var: Var = f.metadata["var"]
+        out.append(Var(**{**var.__dict__, "attr": f.name, "group": title}))
+    return out
+
+
+VARS: tuple[Var, ...] = tuple(v for _, title, g in GROUPS for v in _vars_of(title, g))
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: Server
+    images: Images
+    encode: EncodeOptions
+    limits: Limits
+    cache: Cache
+    fallback: Fallback
+    security: Security
+    observability: Observability
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = dict(os.environ if environ is None else environ)
-        if "IMAGE_PROXY_LOG_LEVEL" not in env and "RUST_LOG" in env:
-            env["IMAGE_PROXY_LOG_LEVEL"] = env["RUST_LOG"]
-        values: dict[str, Any] = {}
+        env = os.environ if environ is None else environ
         problems: list[str] = []
-        for var in VARS:
-            raw = env.get(var.env)
-            if var.attr in CPU_DEFAULTS and not raw:
-                values[var.attr] = cpu_count()
-                continue
-            try:
-                values[var.attr] = var.parse(var.default if raw is None else raw)
-            except ValueError as exc:
-                shown = var.default if raw is None else raw
-                problems.append(f"{var.env}={shown!r}: {exc}")
+        groups: dict[str, Any] = {
+            name: group_from_env(group, env, problems) for name, _, group in GROUPS
+        }
         if problems:
             raise ConfigError(problems)
-        return cls(**values)
+        return cls(**groups)
 
-    def replace(self, **changes: Any) -> Settings:
-        current = {f.name: getattr(self, f.name) for f in fields(self)}
-        current.update(changes)
-        return Settings(**current)
+
+def group_from_env(group: type[T], env: Mapping[str, str], problems: list[str]) -> T:
+    """One group's values from `env`; bad variables are appended to `problems`."""
+    values: dict[str, Any] = {}
+    for f in fields(group):  # type: ignore[arg-type]
+        var: Var = f.metadata["var"]
+        raw = env.get(var.env)
+        for alias in var.aliases:
+            raw = env.get(alias) if raw is None else raw
+        text = var.default if raw is None else raw
+        try:
+            values[f.name] = var.parse(text)
+        except ValueError as exc:
+            shown = "<secret>" if var.secret else repr(text)
+            problems.append(f"{var.env}={shown}: {exc}")
+    return group(**values) if len(values) == len(fields(group)) else None  # type: ignore[arg-type,return-value]
+
+
+def default_encode_options() -> EncodeOptions:
+    return group_from_env(EncodeOptions, {}, [])

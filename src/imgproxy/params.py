@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
-from .config import ALGORITHMS, Settings
+from .config import ALGORITHMS, FORMAT_ALIASES, Settings
 from .errors import BadRequest, NotFound, UnsupportedMediaType
-from .sniff import EXTENSIONS
 
 TRANSFORM_PARAMS = ("format", "size", "resize_algorithm", "dpr")
 MAX_SIZE = 4294967295
@@ -97,7 +96,7 @@ def parse_path(raw_path: str, strip_path: str = "") -> str:
             raise NotFound()
     name = segments[-1]
     ext = name.rpartition(".")[2].lower() if "." in name else ""
-    if ext not in EXTENSIONS:
+    if ext not in FORMAT_ALIASES:
         raise UnsupportedMediaType("unsupported file extension")
     return "/".join(segments)
 
@@ -138,14 +137,14 @@ def parse(
     raw_path: str, query_string: str, headers: Mapping[str, str], settings: Settings
 ) -> TransformSpec:
     """Build the spec for one request; raises BadRequest, NotFound or UnsupportedMediaType."""
-    path = parse_path(raw_path, settings.strip_path)
+    path = parse_path(raw_path, settings.images.strip_path)
     args = parse_query(query_string)
     if not args:
         return TransformSpec(path=path, transform=False)
 
     fmt = _one(args, "format")
     if fmt is not None:
-        fmt = EXTENSIONS.get(fmt.lower())
+        fmt = FORMAT_ALIASES.get(fmt.lower())
         if fmt is None:
             raise BadRequest("invalid format (allowed avif, jpeg, jpg, png, webp)")
 
@@ -156,7 +155,7 @@ def parse(
             raise BadRequest(f"invalid size (allowed integer 1..{MAX_SIZE})")
         size = int(raw_size)
 
-    algorithm = settings.resize_algorithm
+    algorithm = settings.images.resize_algorithm
     raw_alg = _one(args, "resize_algorithm")
     if raw_alg is not None:
         algorithm = raw_alg.lower()

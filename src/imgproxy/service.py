@@ -93,23 +93,15 @@ class ImageService:
         self.executor = executor
         self.io_executor = io_executor
         self.cache = cache
-        self.local = LocalSource(settings.root_path)
+        self.local = LocalSource(settings.images.root_path)
         self.http = http
-        self.encode = transform.EncodeOptions(
-            jpeg_quality=settings.jpeg_quality,
-            webp_quality=settings.webp_quality,
-            webp_effort=settings.webp_effort,
-            avif_quality=settings.avif_quality,
-            avif_effort=settings.avif_effort,
-            png_compression=settings.png_compression,
-        )
-        self.capacity = settings.transform_threads + settings.transform_queue
+        self.capacity = settings.limits.transform_threads + settings.limits.transform_queue
         self.pending = 0  # transforms submitted and not finished (running + waiting)
         self._inflight: dict[str, asyncio.Task[Entry]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
         # passthrough bytes of small local files, validated by (size, mtime) on every request
-        self.files = MemoryTier(settings.passthrough_cache_size, SMALL_FILE)
+        self.files = MemoryTier(settings.cache.passthrough_size, SMALL_FILE)
 
     # -- sources -------------------------------------------------------------------------
 
@@ -246,7 +238,7 @@ class ImageService:
             self.metrics.overloaded.inc()
             raise Overloaded()
         self.pending += 1
-        waiting = self.pending > self.settings.transform_threads
+        waiting = self.pending > self.settings.limits.transform_threads
         if waiting:
             self.metrics.queue_depth.inc()
         loop = asyncio.get_running_loop()
@@ -289,7 +281,7 @@ class ImageService:
             self.metrics.queue_depth.dec()
         self.metrics.transforms_running.inc()
         try:
-            limit = self.settings.max_source_bytes
+            limit = self.settings.limits.max_source_bytes
             if located.size > limit:
                 raise UnprocessableImage("image file too large")
             data = located.data if located.data is not None else read_file(located.path or "")
@@ -297,7 +289,7 @@ class ImageService:
             if kind is None:
                 raise self._not_an_image(located)
             dims = sniff.dimensions(data, kind)
-            if dims is not None and dims[0] * dims[1] > self.settings.max_source_pixels:
+            if dims is not None and dims[0] * dims[1] > self.settings.limits.max_source_pixels:
                 raise UnprocessableImage(
                     f"image too large: {dims[0]}x{dims[1]} is over the pixel limit"
                 )
@@ -307,8 +299,8 @@ class ImageService:
                 spec.format or kind,
                 spec.target,
                 spec.algorithm,
-                self.settings.max_source_pixels,
-                self.encode,
+                self.settings.limits.max_source_pixels,
+                self.settings.encode,
             )
         finally:
             self.metrics.transforms_running.dec()

@@ -15,7 +15,6 @@ CONTENT_TYPES = {
     "png": "image/png",
     "webp": "image/webp",
 }
-EXTENSIONS = {"avif": "avif", "jpeg": "jpeg", "jpg": "jpeg", "png": "png", "webp": "webp"}
 SNIFF_BYTES = 64  # enough for every signature below
 
 _AVIF_BRANDS = {b"avif", b"avis"}

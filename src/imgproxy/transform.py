@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import pyvips
 
+from .config import EncodeOptions
 from .errors import UnprocessableImage
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
@@ -54,16 +55,6 @@ def configure(concurrency: int) -> None:
     pyvips.operation_block_set("VipsForeignLoad", True)
     for name in _LOADERS:
         pyvips.operation_block_set(name, False)
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    jpeg_quality: int = 75
-    webp_quality: int = 80
-    webp_effort: int = 4
-    avif_quality: int = 85
-    avif_effort: int = 3
-    png_compression: int = 6
 
 
 @dataclass
