@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+import pyvips
 
 from conftest import Server, app_server, free_port, make_settings, photo, png_bomb
 
@@ -315,6 +316,7 @@ def origin(other: Origin) -> Iterator[Origin]:
                 "/base/r-pingpong-a.jpg": redirect("/base/r-pingpong-b.jpg"),
                 "/base/r-pingpong-b.jpg": redirect("/base/r-pingpong-a.jpg"),
                 "/base/r-no-location.jpg": serve_body(b"", status=302),
+                "/base/r-unparsable.jpg": redirect("http://[::1"),
                 # a real file under the base whose name needs encoding
                 "/base/a%20b%3Fc%23d.jpg": serve_body(JPEG),
                 "/base/caf%C3%A9.jpg": serve_body(JPEG),
@@ -341,6 +343,8 @@ def fb(origin: Origin, local_root: Path) -> Iterator[Server]:
         IMAGE_PROXY_FALLBACK_TIMEOUT=TIMEOUT,
         IMAGE_PROXY_FALLBACK_IMAGE_MAX_SIZE=str(MAX_SIZE),
         IMAGE_PROXY_FALLBACK_MAX_REDIRECTS="3",
+        # every request reaches the origin here (the tests count them); reuse is tested below
+        IMAGE_PROXY_FALLBACK_REVALIDATE_AFTER="0",
     )
     with app_server(settings) as s:
         yield s
@@ -628,6 +632,7 @@ REDIRECTS = [
     ("/r-loop.jpg", 502, "redirect to itself"),
     ("/r-pingpong-a.jpg", 502, "a -> b -> a"),
     ("/r-no-location.jpg", 502, "302 without Location"),
+    ("/r-unparsable.jpg", 502, "Location http://[::1 cannot be parsed"),
 ]
 
 
@@ -756,3 +761,70 @@ def test_many_concurrent_slow_fetches_all_time_out(
         statuses = list(pool.map(one, range(8)))
     assert statuses == [504] * 8
     assert fb.get("/health").status == 200
+
+
+# -- not downloading the same image again and again ---------------------------------------
+
+
+def etagged(body: bytes, etag: str) -> Callable[..., None]:
+    """An origin that honours If-None-Match: 304 without a body when the ETag matches."""
+
+    def handler(h: http.server.BaseHTTPRequestHandler) -> None:
+        if h.headers.get("If-None-Match") == etag:
+            h.send_response(304)
+            h.send_header("ETag", etag)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        _send(h, 200, body, ETag=etag)
+        origin: Origin = h.server.origin  # type: ignore[attr-defined]
+        with origin.lock:
+            origin.sent[h.path] = origin.sent.get(h.path, 0) + len(body)
+
+    return handler
+
+
+@pytest.fixture
+def reusing(origin: Origin, local_root: Path) -> Iterator[Server]:
+    settings = make_settings(
+        local_root,
+        IMAGE_PROXY_FALLBACK_IMAGE_URL=f"http://127.0.0.1:{origin.port}{BASE}",
+        IMAGE_PROXY_FALLBACK_REVALIDATE_AFTER="60",
+        IMAGE_PROXY_ENABLE_CACHE="true",
+    )
+    with app_server(settings) as s:
+        yield s
+
+
+def test_origin_without_validators_is_asked_once(reusing: Server, origin: Origin) -> None:
+    origin.routes["/base/plain.jpg"] = serve_body(JPEG)
+    for _ in range(3):
+        r = reusing.get("/plain.jpg?size=50&format=webp")
+        assert r.status == 200 and pyvips.Image.new_from_buffer(r.body, "").width == 50
+        assert reusing.get("/plain.jpg").body == JPEG
+    assert origin.paths() == ["/base/plain.jpg"]
+
+
+def test_origin_with_etag_is_revalidated_without_a_body(reusing: Server, origin: Origin) -> None:
+    origin.routes["/base/tagged.jpg"] = etagged(JPEG, '"v1"')
+    first = reusing.get("/tagged.jpg?size=60&format=png")
+    assert first.status == 200 and first.headers["x-cache"] == "MISS"
+    origin.clear()
+    again = reusing.get("/tagged.jpg?size=60&format=png")
+    assert again.status == 200 and again.body == first.body
+    assert again.headers["x-cache"] == "HIT"  # a 304 from the origin: the render is reused
+    assert reusing.get("/tagged.jpg").body == JPEG
+    assert origin.paths() == ["/base/tagged.jpg"] * 2
+    assert origin.sent.get("/base/tagged.jpg", 0) == 0  # no body sent since the first
+
+
+def test_origin_changed_body_is_fetched_again(reusing: Server, origin: Origin) -> None:
+    origin.routes["/base/changing.jpg"] = etagged(JPEG, '"a"')
+    a = reusing.get("/changing.jpg?size=40&format=png")
+    other_jpeg = _jpeg(200, 300)
+    origin.routes["/base/changing.jpg"] = etagged(other_jpeg, '"b"')
+    b = reusing.get("/changing.jpg?size=40&format=png")
+    assert a.status == b.status == 200
+    assert pyvips.Image.new_from_buffer(a.body, "").width == 40
+    assert pyvips.Image.new_from_buffer(b.body, "").height == 40  # portrait now: new render
+    assert a.headers["etag"] != b.headers["etag"]

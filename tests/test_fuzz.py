@@ -34,7 +34,7 @@ from imgproxy.config import (
     default_encode_options,
 )
 from imgproxy.errors import ImgProxyError, UnprocessableImage
-from imgproxy.sources import _http_date
+from imgproxy.httpdates import parse_date
 
 EXAMPLES = int(os.environ.get("IMGPROXY_FUZZ_EXAMPLES", "200"))
 DECODER_EXAMPLES = int(
@@ -212,7 +212,7 @@ def test_parse_only_typed_errors(
 @example(value="Fri, 31 Dec 9999 23:59:59 -2359")  # found: parsed, then formatdate() raised
 def test_origin_dates_are_total(value: str) -> None:
     """An origin's Last-Modified is a date we can send on (formatdate) or None: never a 500."""
-    ts = _http_date(value)
+    ts = parse_date(value)
     if ts is not None:
         formatdate(ts, usegmt=True)
 

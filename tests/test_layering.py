@@ -27,11 +27,13 @@ LEAVES = {
     "cache",
     "flight",
     "metrics",
-    "httpdates",
 }
-BASE = {"config", "errors"}
+# httpdates is pure text <-> value code used by sources (origin dates), service (conditional
+# requests) and app (Last-Modified): a base module like errors, not a leaf.
+BASE = {"config", "errors", "httpdates"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "httpdates": set(),
     "config": {"errors"},
     **{leaf: set(BASE) for leaf in LEAVES},
     "service": LEAVES | BASE,

@@ -6,15 +6,12 @@ Every per-worker resource (executors, HTTP client, cache handles, metrics) is cr
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import formatdate
 from typing import Any
 
-import httpx
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
@@ -23,10 +20,11 @@ from . import __version__, params, transform
 from .cache import DiskTier, MemoryTier, TieredCache
 from .config import FORMAT_ALIASES, Settings
 from .errors import ImgProxyError, Overloaded, status_label
+from .httpdates import Conditional, format_date
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, mark_process_dead
-from .service import Conditional, ImageService, Reply
-from .sources import HttpSource, stream_file
+from .service import ImageService, Reply
+from .sources import HttpSource
 
 log = logging.getLogger("imgproxy")
 
@@ -110,22 +108,7 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
         cache = TieredCache(MemoryTier(s.cache.memory_size, s.cache.max_item_size), disk)
     elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
-    http = None
-    if s.fallback.url:
-        app.ctx.http_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.fallback.timeout, connect=min(5.0, s.fallback.timeout)),
-            follow_redirects=False,  # redirects are followed by hand and re-checked (SSRF)
-            trust_env=False,  # no HTTP(S)_PROXY / NO_PROXY surprises from the environment
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            headers={"User-Agent": f"imgproxy/{__version__}"},
-        )
-        http = HttpSource(
-            s.fallback.url,
-            app.ctx.http_client,
-            s.fallback.max_size,
-            s.fallback.timeout,
-            s.fallback.max_redirects,
-        )
+    http = HttpSource(s.fallback, f"imgproxy/{__version__}") if s.fallback.url else None
     app.ctx.service = ImageService(
         settings=s,
         metrics=m,
@@ -144,9 +127,8 @@ async def stop_worker(app: Sanic[Any, Any]) -> None:
         service.io_executor.shutdown(wait=True)
         if service.cache is not None:
             service.cache.close()
-    client = getattr(app.ctx, "http_client", None)
-    if client is not None:
-        await client.aclose()
+        if service.http is not None:
+            await service.http.aclose()
     mark_process_dead(os.getpid())
 
 
@@ -185,9 +167,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
     kind = "other"
     try:
         spec = params.parse(request.path, request.query_string, request.headers, settings)
-        cond = Conditional(
-            request.headers.get("if-none-match"), request.headers.get("if-modified-since")
-        )
+        cond = Conditional.from_headers(request.headers)
         if spec.is_passthrough:
             kind = "passthrough"
             reply = await service.passthrough(spec, cond)
@@ -219,26 +199,29 @@ async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPRe
     if settings.images.cache_control:
         headers["Cache-Control"] = settings.images.cache_control
     if reply.last_modified is not None:
-        headers["Last-Modified"] = http_date(int(reply.last_modified))
+        headers["Last-Modified"] = format_date(int(reply.last_modified))
     if reply.x_cache:
         headers["X-Cache"] = reply.x_cache
     if reply.status == 304:
         return HTTPResponse(status=304, headers=headers)
-    if reply.stream_path is None:
+    if reply.stream is None:
         return HTTPResponse(reply.body, headers=headers, content_type=reply.content_type)
-    headers["Content-Length"] = str(reply.size)
-    response = await request.respond(headers=headers, content_type=reply.content_type)
-    if request.method != "HEAD":
-        async for chunk in stream_file(reply.stream_path):
-            await response.send(chunk)
-    await response.eof()
+    stream = reply.stream
+    try:
+        headers["Content-Length"] = str(stream.size)
+        response = await request.respond(headers=headers, content_type=reply.content_type)
+        if request.method != "HEAD":
+            try:
+                async for chunk in stream.chunks():
+                    await response.send(chunk)
+            except OSError as exc:  # shrank or failed mid-way: the client sees a short body
+                log.warning("passthrough of %s cut short: %s", request.path, exc)
+                request.transport.close()
+                return response  # type: ignore[no-any-return]
+        await response.eof()
+    finally:
+        stream.close()
     return response  # type: ignore[no-any-return]
-
-
-@functools.lru_cache(maxsize=4096)
-def http_date(seconds: int) -> str:
-    """Last-Modified text; memoised, since the same few mtimes are formatted again and again."""
-    return formatdate(seconds, usegmt=True)
 
 
 def error_response(exc: ImgProxyError) -> HTTPResponse:

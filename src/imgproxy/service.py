@@ -15,7 +15,6 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 
 from . import sniff, transform
 from .cache import Entry, MemoryTier, TieredCache
@@ -29,9 +28,19 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from .httpdates import Conditional
 from .metrics import Metrics
 from .params import TransformSpec
-from .sources import HttpSource, LocalSource, Located, read_file
+from .sources import (
+    Fetched,
+    HttpSource,
+    LocalFile,
+    LocalSource,
+    Located,
+    OpenFile,
+    read_capped,
+    read_file,
+)
 from .transform import Rendered
 
 log = logging.getLogger("imgproxy")
@@ -40,42 +49,16 @@ SMALL_FILE = 1024 * 1024  # read inline on the loop: a page-cached read beats a 
 STREAM_FILE = 32 * 1024 * 1024  # bigger passthrough files are streamed, not held in memory
 
 
-@dataclass(frozen=True, slots=True)
-class Conditional:
-    if_none_match: str | None = None
-    if_modified_since: str | None = None
-
-
 @dataclass(slots=True)
 class Reply:
     status: int  # 200 or 304
     content_type: str
     etag: str
     last_modified: float | None
-    kind: str  # "passthrough" | "transform"
     body: bytes | None = None
-    stream_path: str | None = None  # large passthrough file, streamed
+    stream: OpenFile | None = None  # large passthrough file, opened, streamed by the app
     size: int = 0
     x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
-
-
-def _etag_matches(header: str, etag: str) -> bool:
-    if header.strip() == "*":
-        return True
-    bare = etag.removeprefix("W/")
-    return any(t.strip().removeprefix("W/") == bare for t in header.split(","))
-
-
-def _not_modified(cond: Conditional, etag: str, mtime: float | None) -> bool:
-    if cond.if_none_match is not None:  # RFC 9110: If-None-Match wins over If-Modified-Since
-        return _etag_matches(cond.if_none_match, etag)
-    if cond.if_modified_since and mtime is not None:
-        try:
-            since = parsedate_to_datetime(cond.if_modified_since).timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return False
-        return int(mtime) <= since
-    return False
 
 
 class ImageService:
@@ -126,7 +109,7 @@ class ImageService:
         return located
 
     def _not_an_image(self, located: Located) -> ImgProxyError:
-        if located.origin == "fallback":
+        if isinstance(located, Fetched):
             self.metrics.fallback.labels("not_image").inc()
             return UpstreamError("fallback origin did not send a supported image")
         return UnsupportedMediaType("not a supported image")
@@ -134,21 +117,31 @@ class ImageService:
     # -- passthrough ---------------------------------------------------------------------
 
     async def passthrough(self, spec: TransformSpec, cond: Conditional) -> Reply:
+        """The original bytes. The sniff runs before the conditional headers are read: a
+        304 is only given where the request would otherwise be a 200."""
         located = await self.locate(spec.path)
         etag = f'"{located.identity}"'
-        reply = Reply(200, "", etag, located.mtime, "passthrough", size=located.size)
-        if _not_modified(cond, etag, located.mtime):
-            reply.status = 304  # the client holds these very bytes: nothing to read
-            return reply
-        if located.data is not None:
-            body, reply.content_type = located.data, self._sniffed(located, located.data)
+        reply = Reply(200, "", etag, located.mtime)
+        if isinstance(located, Fetched):
+            reply.content_type = self._sniffed(located, located.data)
+            reply.body = located.data
         elif located.size > STREAM_FILE:
-            reply.stream_path = located.path
-            reply.content_type = self._sniffed(located, read_file(located.path or "", 64))
-            return reply
+            stream = OpenFile(located.path)  # open first: the length is the open file's
+            try:
+                reply.content_type = self._sniffed(located, stream.head)
+            except ImgProxyError:
+                stream.close()
+                raise
+            reply.stream, reply.size = stream, stream.size
         else:
-            body, reply.content_type = await self._read_small(located)
-        reply.body, reply.size = body, len(body)
+            reply.body, reply.content_type = await self._read_small(located)
+        if reply.body is not None:
+            reply.size = len(reply.body)
+        if cond and cond.not_modified(etag, located.mtime):
+            if reply.stream is not None:
+                reply.stream.close()
+                reply.stream = None
+            reply.status, reply.body = 304, None  # the client holds these very bytes
         return reply
 
     def _sniffed(self, located: Located, head: bytes) -> str:
@@ -157,19 +150,18 @@ class ImageService:
             raise self._not_an_image(located)
         return sniff.CONTENT_TYPES[kind]
 
-    async def _read_small(self, located: Located) -> Entry:
+    async def _read_small(self, located: LocalFile) -> Entry:
         """A local file's bytes and sniffed type, from the per-worker file memo when its
         (size, mtime) identity still matches: a stat per request, no read, no sniff."""
         key = f"{located.path}\x00{located.identity}"
         entry = self.files.get(key)
         if entry is not None:
             return entry
-        path = located.path or ""
         if located.size > SMALL_FILE:
             loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.io_executor, read_file, path)
+            body = await loop.run_in_executor(self.io_executor, read_file, located.path)
         else:
-            body = read_file(path)
+            body = read_file(located.path)
         entry = (body, self._sniffed(located, body))
         self.files.put(key, entry)
         return entry
@@ -180,9 +172,13 @@ class ImageService:
         located = await self.locate(spec.path)
         key = spec.cache_key(located.identity)
         etag = f'"{key[:40]}"'
-        if _not_modified(cond, etag, located.mtime):
-            ctype = sniff.CONTENT_TYPES.get(spec.format or "", "")
-            return Reply(304, ctype, etag, located.mtime, "transform")
+        if cond:
+            # the cheap checks first (type, file size, pixel limit from the header), so that
+            # If-None-Match: * never turns a 415 or 422 into a 304
+            self._check_source(located, self._head(located))
+            if cond.not_modified(etag, located.mtime):
+                ctype = sniff.CONTENT_TYPES.get(spec.format or "", "")
+                return Reply(304, ctype, etag, located.mtime)
 
         x_cache = None
         entry = None
@@ -192,16 +188,30 @@ class ImageService:
         if entry is None:
             entry = await self._single_flight(key, located, spec)
         body, ctype = entry
-        return Reply(
-            status=200,
-            content_type=ctype,
-            etag=etag,
-            last_modified=located.mtime,
-            kind="transform",
-            body=body,
-            size=len(body),
-            x_cache=x_cache,
-        )
+        return Reply(200, ctype, etag, located.mtime, body=body, size=len(body), x_cache=x_cache)
+
+    HEAD_BYTES = 64 * 1024  # JPEG dimensions sit after EXIF/ICC segments: usually < 64 KiB
+
+    @classmethod
+    def _head(cls, located: Located) -> bytes:
+        if isinstance(located, Fetched):
+            return located.data
+        return read_file(located.path, cls.HEAD_BYTES)
+
+    def _check_source(self, located: Located, data: bytes) -> str:
+        """The source's type, after the checks that need no decode: 415 (or 502 for the
+        origin) when it is not a supported image, 422 when too big in bytes or pixels."""
+        if located.size > self.settings.limits.max_source_bytes:
+            raise UnprocessableImage("image file too large")
+        kind = sniff.sniff(data[: sniff.SNIFF_BYTES])
+        if kind is None:
+            raise self._not_an_image(located)
+        dims = sniff.dimensions(data, kind)
+        if dims is not None and dims[0] * dims[1] > self.settings.limits.max_source_pixels:
+            raise UnprocessableImage(
+                f"image too large: {dims[0]}x{dims[1]} is over the pixel limit"
+            )
+        return kind
 
     async def _cache_get(self, key: str) -> Entry | None:
         assert self.cache is not None
@@ -276,30 +286,24 @@ class ImageService:
         self._writing.pop(key, None)
 
     def _render_job(self, located: Located, spec: TransformSpec, waiting: bool) -> Rendered:
-        """Runs in an executor thread: read, sniff, check limits, transform."""
+        """Runs in an executor thread: read (capped), sniff, check limits, transform."""
         if waiting:
             self.metrics.queue_depth.dec()
         self.metrics.transforms_running.inc()
         try:
-            limit = self.settings.limits.max_source_bytes
-            if located.size > limit:
-                raise UnprocessableImage("image file too large")
-            data = located.data if located.data is not None else read_file(located.path or "")
-            kind = sniff.sniff(data[: sniff.SNIFF_BYTES])
-            if kind is None:
-                raise self._not_an_image(located)
-            dims = sniff.dimensions(data, kind)
-            if dims is not None and dims[0] * dims[1] > self.settings.limits.max_source_pixels:
-                raise UnprocessableImage(
-                    f"image too large: {dims[0]}x{dims[1]} is over the pixel limit"
-                )
+            limits = self.settings.limits
+            if isinstance(located, Fetched):
+                data = located.data
+            else:
+                data = read_capped(located.path, limits.max_source_bytes)
+            kind = self._check_source(located, data)
             return transform.render(
                 data,
                 kind,
                 spec.format or kind,
                 spec.target,
                 spec.algorithm,
-                self.settings.limits.max_source_pixels,
+                limits.max_source_pixels,
                 self.settings.encode,
             )
         finally:

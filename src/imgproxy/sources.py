@@ -1,11 +1,14 @@
 """Where source bytes come from: the local root, then (optionally) the fallback origin.
 
     LocalSource   root confinement after resolving symlinks; stat gives the identity
-    HttpSource    one shared httpx.AsyncClient per worker; total-time bound, bounded and
-                  re-checked redirects, identity encoding, streamed body capped at max_size
+    HttpSource    owns the httpx client (one per worker); total-time bound, bounded and
+                  re-checked redirects, identity encoding, streamed body capped at max_size;
+                  remembers recent bodies with the origin's validators and revalidates them
+                  with a conditional GET (a 304 costs no body)
 
-Sources return facts (`Located`); `service` chains them (local, then the origin when the
-file is missing) and decides what the facts mean for the response and the metrics.
+Sources return facts (`Located`: a `LocalFile` or a `Fetched` body); `service` chains them
+(local, then the origin when the file is missing) and decides what the facts mean for the
+response and the metrics.
 """
 
 from __future__ import annotations
@@ -15,27 +18,48 @@ import hashlib
 import os
 import stat
 import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from typing import ClassVar
 from urllib.parse import quote
 
 import aiofiles
 import httpx
 
-from .errors import NotFound, UpstreamError, UpstreamTimeout
+from .config import Fallback
+from .errors import NotFound, UnprocessableImage, UpstreamError, UpstreamTimeout
+from .httpdates import parse_date
 
 
 @dataclass(frozen=True, slots=True)
-class Located:
-    """A source found by path: a local file (path set) or a fetched body (data set)."""
+class LocalFile:
+    """A regular file under the root, as stat saw it."""
 
-    origin: str  # "local" | "fallback"
-    identity: str  # changes whenever the bytes change
+    origin: ClassVar[str] = "local"
+    path: str  # resolved real path
     size: int
-    mtime: float | None  # seconds since the epoch, for Last-Modified
-    path: str | None = None
-    data: bytes | None = None
+    mtime: float  # seconds since the epoch, for Last-Modified
+    identity: str  # changes whenever the bytes change (size + mtime in ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A body from the fallback origin, with the validators it came with."""
+
+    origin: ClassVar[str] = "fallback"
+    data: bytes
+    mtime: float | None  # the origin's Last-Modified, if it is a usable date
+    identity: str  # a hash of the body
+    etag: str | None = None  # the origin's validators, for revalidation
+    last_modified: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+Located = LocalFile | Fetched
 
 
 class LocalSource:
@@ -60,7 +84,7 @@ class LocalSource:
             raise NotFound()
         return full
 
-    def locate(self, rel: str) -> Located:
+    def locate(self, rel: str) -> LocalFile:
         """Stat `rel` under the root; NotFound if missing, not a file, or outside the root.
 
         realpath costs ~20 µs (an lstat per component), so its answer is memoised for a
@@ -94,55 +118,102 @@ class LocalSource:
         return st
 
     @staticmethod
-    def _located(full: str, st: os.stat_result) -> Located:
-        return Located(
-            origin="local",
-            identity=f"{st.st_size:x}-{st.st_mtime_ns:x}",
-            size=st.st_size,
-            mtime=st.st_mtime,
-            path=full,
-        )
+    def _located(full: str, st: os.stat_result) -> LocalFile:
+        return LocalFile(full, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+
+
+def _open_nofollow(path: str, flags: int = os.O_RDONLY) -> int:
+    # O_NOFOLLOW: `path` is a resolved real path; a symlink there now is a swap (ELOOP)
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def read_file(path: str, limit: int | None = None) -> bytes:
-    """Blocking read of a whole file (small, page-cached files: faster than any async hop)."""
+    """Blocking read of a file, or of its first `limit` bytes (small, page-cached files:
+    faster than any async hop)."""
     try:
-        # O_NOFOLLOW: `path` is a resolved real path; a symlink there now is a swap (ELOOP)
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+        with open(_open_nofollow(path), "rb") as f:
             return f.read() if limit is None else f.read(limit)
     except OSError:
         raise NotFound() from None
 
 
-def _open_nofollow(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+def read_capped(path: str, cap: int) -> bytes:
+    """The whole file, but never more than `cap` bytes: a file that grew past the size
+    checked at stat time is refused (422) instead of being read in full."""
+    data = read_file(path, cap + 1)
+    if len(data) > cap:
+        raise UnprocessableImage("image file too large")
+    return data
 
 
-async def stream_file(path: str, chunk_size: int = 256 * 1024):  # type: ignore[no-untyped-def]
-    """Async chunks of a large file (aiofiles keeps the reads off the event loop)."""
-    async with aiofiles.open(path, "rb", opener=_open_nofollow) as f:
-        while chunk := await f.read(chunk_size):
-            yield chunk
+class OpenFile:
+    """A large file opened *before* the response starts: its length comes from the open
+    descriptor, so a file deleted, swapped or resized meanwhile cannot break the response
+    or its Content-Length (we send exactly `size` bytes of the file we opened)."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._fd = _open_nofollow(path)
+            st = os.fstat(self._fd)
+        except OSError:
+            raise NotFound() from None
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise NotFound()
+        self.size = st.st_size
+        self.head = os.pread(self._fd, 64, 0)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Async chunks of exactly `size` bytes (aiofiles keeps reads off the event loop);
+        a file truncated meanwhile ends early and the connection says so."""
+        left = self.size
+        async with aiofiles.open(self._fd, "rb", closefd=False) as f:
+            while left > 0:
+                chunk = await f.read(min(self.CHUNK, left))
+                if not chunk:
+                    raise OSError("file shrank while it was sent")
+                left -= len(chunk)
+                yield chunk
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(slots=True)
+class _Remembered:
+    fetched: Fetched
+    checked: float  # monotonic time of the last answer from the origin
 
 
 class HttpSource:
-    """Fetches `{base}{relative path}` from the fallback origin, safely."""
+    """Fetches `{base}{relative path}` from the fallback origin, safely, and not again and
+    again: a body the origin sent with an ETag or Last-Modified is revalidated with a
+    conditional GET (304: no body); one sent without either is reused for
+    `revalidate_after` seconds. Remembered bodies are bounded by `memo_bytes` (LRU)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        client: httpx.AsyncClient,
-        max_size: int,
-        timeout: float,
-        max_redirects: int = 3,
-    ) -> None:
-        if not base_url.endswith("/"):
-            base_url += "/"
-        self.base = httpx.URL(base_url)
-        self.client = client
-        self.max_size = max_size
-        self.timeout = timeout
-        self.max_redirects = max_redirects
+    def __init__(self, settings: Fallback, user_agent: str, memo_bytes: int = 32 << 20) -> None:
+        self.base = httpx.URL(settings.url if settings.url.endswith("/") else settings.url + "/")
+        self.max_size = settings.max_size
+        self.timeout = settings.timeout
+        self.max_redirects = settings.max_redirects
+        self.revalidate_after = settings.revalidate_after
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.timeout, connect=min(5.0, settings.timeout)),
+            follow_redirects=False,  # redirects are followed by hand and re-checked (SSRF)
+            trust_env=False,  # no HTTP(S)_PROXY / NO_PROXY surprises from the environment
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            headers={"User-Agent": user_agent},
+        )
+        self.memo_bytes = memo_bytes
+        self._memo: OrderedDict[str, _Remembered] = OrderedDict()
+        self._memo_size = 0
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
     def url_for(self, rel: str) -> httpx.URL:
         """Base + each segment percent-encoded; refuses anything that would leave the base."""
@@ -165,31 +236,63 @@ class HttpSource:
         ):
             raise UpstreamError("fallback origin redirected outside its base URL")
 
-    async def fetch(self, rel: str) -> Located:
+    async def fetch(self, rel: str) -> Fetched:
         url = self.url_for(rel)
+        known = self._memo.get(rel)
+        validators: dict[str, str] = {}
+        if known is not None:
+            f = known.fetched
+            if f.etag is None and f.last_modified is None:
+                if time.monotonic() - known.checked < self.revalidate_after:
+                    self._memo.move_to_end(rel)
+                    return f
+            else:
+                if f.etag is not None:
+                    validators["If-None-Match"] = f.etag
+                if f.last_modified is not None:
+                    validators["If-Modified-Since"] = f.last_modified
         try:
             async with asyncio.timeout(self.timeout):  # total time: read timeouts are per chunk
                 for _ in range(self.max_redirects + 1):
-                    response = await self._send(url)
+                    response = await self._send(url, validators)
                     try:
                         if response.is_redirect and "location" in response.headers:
-                            url = url.join(response.headers["location"])
-                            self._check(url)
+                            url = self._follow(url, response.headers["location"])
                             continue
-                        return await self._read(response)
+                        if response.status_code == 304 and known is not None:
+                            known.checked = time.monotonic()
+                            self._memo.move_to_end(rel)
+                            return known.fetched
+                        fetched = await self._read(response)
+                        break
                     finally:
                         await response.aclose()
-                raise UpstreamError("fallback origin redirected too many times")
+                else:
+                    raise UpstreamError("fallback origin redirected too many times")
+        except NotFound:
+            self._forget(rel)
+            raise
         except TimeoutError:
             raise UpstreamTimeout() from None
         except httpx.TimeoutException:
             raise UpstreamTimeout() from None
         except httpx.HTTPError:
             raise UpstreamError("fallback origin unreachable") from None
+        self._remember(rel, fetched)
+        return fetched
 
-    async def _send(self, url: httpx.URL) -> httpx.Response:
+    def _follow(self, url: httpx.URL, location: str) -> httpx.URL:
+        try:
+            target = url.join(location)
+        except (httpx.InvalidURL, ValueError):  # e.g. "http://[::1": not an HTTPError
+            raise UpstreamError("fallback origin sent an invalid redirect") from None
+        self._check(target)
+        return target
+
+    async def _send(self, url: httpx.URL, validators: dict[str, str]) -> httpx.Response:
         def request() -> httpx.Request:
-            return self.client.build_request("GET", url, headers={"Accept-Encoding": "identity"})
+            headers = {"Accept-Encoding": "identity", **validators}
+            return self.client.build_request("GET", url, headers=headers)
 
         try:
             return await self.client.send(request(), stream=True)
@@ -199,7 +302,7 @@ class HttpSource:
             # closed now: retry once on a fresh one (GET is idempotent).
             return await self.client.send(request(), stream=True)
 
-    async def _read(self, response: httpx.Response) -> Located:
+    async def _read(self, response: httpx.Response) -> Fetched:
         if response.status_code in (404, 410):
             raise NotFound()
         if response.status_code != 200:
@@ -216,23 +319,34 @@ class HttpSource:
             if len(body) > self.max_size:
                 raise UpstreamError("fallback image too large")
         data = bytes(body)
-        return Located(
-            origin="fallback",
-            identity="sha256-" + hashlib.sha256(data).hexdigest()[:32],
-            size=len(data),
-            mtime=_http_date(response.headers.get("last-modified")),
+        last_modified = response.headers.get("last-modified")
+        mtime = parse_date(last_modified)
+        return Fetched(
             data=data,
+            mtime=mtime,
+            identity="sha256-" + hashlib.sha256(data).hexdigest()[:32],
+            etag=_printable(response.headers.get("etag")),
+            last_modified=_printable(last_modified) if mtime is not None else None,
         )
 
+    def _remember(self, rel: str, fetched: Fetched) -> None:
+        self._forget(rel)
+        if fetched.size > self.memo_bytes:
+            return
+        self._memo[rel] = _Remembered(fetched, time.monotonic())
+        self._memo_size += fetched.size
+        while self._memo_size > self.memo_bytes:
+            _, old = self._memo.popitem(last=False)
+            self._memo_size -= old.fetched.size
 
-def _http_date(value: str | None) -> float | None:
-    """An origin's Last-Modified as a timestamp, or None unless it is a date we can send on
-    (`Fri, 31 Dec 9999 23:59:59 -2359` parses, but is year 10000 in UTC)."""
-    if not value:
+    def _forget(self, rel: str) -> None:
+        old = self._memo.pop(rel, None)
+        if old is not None:
+            self._memo_size -= old.fetched.size
+
+
+def _printable(value: str | None) -> str | None:
+    """A validator we can send back: short printable ASCII only."""
+    if value is None or len(value) > 256 or not value.isascii() or not value.isprintable():
         return None
-    try:
-        ts = parsedate_to_datetime(value).timestamp()
-        datetime.fromtimestamp(ts, UTC)  # what formatdate() does with it
-    except (TypeError, ValueError, IndexError, OverflowError, OSError):
-        return None
-    return ts
+    return value

@@ -1,0 +1,107 @@
+"""Conditional requests come after validation; large passthrough files are opened before the
+response starts; the render reads no more than the byte limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import Server
+from imgproxy.errors import UnprocessableImage
+from imgproxy.sources import OpenFile, read_capped
+
+FAR_FUTURE = "Fri, 01 Jan 2100 00:00:00 GMT"
+
+# (url, status without conditional headers): a 304 only where the answer would be a 200
+CASES = [
+    ("/text.jpg", 415),
+    ("/text.jpg?size=50", 415),
+    ("/empty.jpg?size=50", 415),
+    ("/bomb.png?size=10", 422),
+    ("/gif-named.png", 200),
+    ("/landscape.jpg?size=50", 200),
+    ("/landscape.jpg", 200),
+]
+
+
+@pytest.mark.parametrize(("url", "status"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "conditional",
+    [{"If-None-Match": "*"}, {"If-Modified-Since": FAR_FUTURE}],
+    ids=["if-none-match-star", "if-modified-since-future"],
+)
+def test_304_only_where_the_answer_would_be_200(
+    server: Server, url: str, status: int, conditional: dict[str, str]
+) -> None:
+    plain = server.get(url)
+    if url != "/gif-named.png":  # its status belongs to the GIF contract, tested elsewhere
+        assert plain.status == status
+    r = server.get(url, headers=conditional)
+    if plain.status == 200:
+        assert r.status == 304 and r.body == b""
+        assert r.headers["etag"] == plain.headers["etag"]
+    else:
+        assert r.status == plain.status, r.text
+        assert r.headers["content-type"].startswith("text/plain")
+        assert "cache-control" not in r.headers
+
+
+def test_pixel_limit_before_304_with_a_low_limit(
+    serve: Callable[..., Server], corpus: Path
+) -> None:
+    s = serve(IMAGE_PROXY_MAX_SOURCE_PIXELS="10000")
+    assert s.get("/landscape.jpg?size=50", headers={"If-None-Match": "*"}).status == 422
+    assert s.get("/landscape.jpg", headers={"If-None-Match": "*"}).status == 304  # passthrough
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> Path:
+    """A 33 MiB file that sniffs as JPEG: over the 32 MiB streaming threshold."""
+    root = tmp_path / "big"
+    root.mkdir()
+    path = root / "big.jpg"
+    with path.open("wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + b"\x00" * 60)
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+        for _ in range(33):
+            f.write(chunk)
+    return path
+
+
+def test_large_passthrough_is_streamed_whole(serve: Callable[..., Server], big_file: Path) -> None:
+    s = serve(big_file.parent)
+    r = s.get("/big.jpg")
+    assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
+    assert int(r.headers["content-length"]) == big_file.stat().st_size == len(r.body)
+    assert r.body == big_file.read_bytes()
+    head = s.request("HEAD", "/big.jpg")
+    assert head.status == 200 and int(head.headers["content-length"]) == len(r.body)
+    assert s.get("/big.jpg", headers={"If-None-Match": r.headers["etag"]}).status == 304
+
+
+def test_open_file_length_is_the_open_files(big_file: Path) -> None:
+    """Opened first: a file replaced afterwards still gives the opened file's bytes/length."""
+    opened = OpenFile(str(big_file))
+    try:
+        size = opened.size
+        big_file.unlink()
+        big_file.write_bytes(b"\xff\xd8\xff short")
+
+        async def collect() -> bytes:
+            return b"".join([c async for c in opened.chunks()])
+
+        body = asyncio.run(collect())
+        assert len(body) == size > 33 * 1024 * 1024
+    finally:
+        opened.close()
+
+
+def test_render_read_is_capped(tmp_path: Path) -> None:
+    path = tmp_path / "grown.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + b"\x00" * 2000)
+    assert len(read_capped(str(path), 5000)) == 2003
+    with pytest.raises(UnprocessableImage):
+        read_capped(str(path), 1000)  # grew past the size checked at stat time
