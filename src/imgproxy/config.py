@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 FORMATS = ("avif", "jpeg", "png", "webp")
 FORMAT_ALIASES = {"avif": "avif", "jpeg": "jpeg", "jpg": "jpeg", "png": "png", "webp": "webp"}
-ALGORITHMS = ("lanczos3", "thumbnail", "auto")
+ALGORITHMS = ("lanczos3", "bicubic", "thumbnail", "auto")
 LOG_LEVELS = {
     "TRACE": "DEBUG",
     "DEBUG": "DEBUG",
@@ -289,7 +289,7 @@ class Images:
         "IMAGE_PROXY_RESIZE_ALGORITHM",
         "auto",
         _choice(*ALGORITHMS),
-        "lanczos3, thumbnail or auto (per-request resize_algorithm overrides)",
+        "lanczos3, bicubic, thumbnail or auto (per-request resize_algorithm overrides)",
     )
     cache_control: str = setting(
         "IMAGE_PROXY_CACHE_CONTROL_HEADER",

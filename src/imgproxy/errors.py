@@ -5,6 +5,8 @@
     ├── NotFound                  404  missing file, or a path that tries to leave the root
     ├── UnsupportedMediaType      415  extension or bytes are not a supported image type
     ├── UnprocessableImage        422  corrupt/truncated image, or over the pixel limit
+    ├── RenderFailed              500  the server's own libvips failure (an encoder missing or
+    │                                  refusing, WebP's 16383 px limit, out of memory); logged once
     ├── Overloaded                503  transform queue full (carries Retry-After)
     └── UpstreamError             502  fallback origin failed, sent too much or not an image
         └── UpstreamTimeout       504  fallback origin too slow
@@ -43,6 +45,15 @@ class UnsupportedMediaType(ImgProxyError):
 class UnprocessableImage(ImgProxyError):
     status = 422
     reason = "image cannot be processed"
+
+
+class RenderFailed(ImgProxyError):
+    """libvips failed after the input had decoded: never the client's fault. The cause
+    (chained with `raise ... from`) is logged once, where the render ran; the client only
+    gets the short public reason."""
+
+    status = 500
+    reason = "image could not be rendered"
 
 
 class Overloaded(ImgProxyError):

@@ -6,8 +6,9 @@ Everything a client controls is validated here, once, before any file is touched
   or dot-leading segments, no NUL/control characters/backslashes, no encoded slashes, no
   double encoding, valid UTF-8 only). A path that fails is a 404, never a 400: probing for
   traversal learns nothing. Root confinement against symlinks happens in `sources`.
-* only `format`, `size`, `resize_algorithm` and `dpr` are transform parameters; anything else
-  is ignored (it neither triggers a transform nor changes the cache key).
+* only `format`, `size`, `resize_algorithm`, `dpr` and `bw=1` are transform parameters;
+  anything else (`bw=0` too) is ignored: it neither triggers a transform nor changes the
+  cache key.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import parse_qsl, unquote
 from .config import ALGORITHMS, FORMAT_ALIASES, Settings
 from .errors import BadRequest, NotFound, UnsupportedMediaType
 
-TRANSFORM_PARAMS = ("format", "size", "resize_algorithm", "dpr")
+TRANSFORM_PARAMS = ("format", "size", "resize_algorithm", "dpr", "bw")
 MAX_SIZE = 4294967295
 MAX_PATH_CHARS = 1024
 MAX_SEGMENT_BYTES = 255
@@ -44,6 +45,7 @@ class TransformSpec:
     target: int | None = None  # longest output edge before the never-upscale clamp
     algorithm: str = "auto"
     dpr: Decimal = Decimal(1)
+    bw: bool = False  # `bw=1`: black and white
 
     @property
     def is_passthrough(self) -> bool:
@@ -63,6 +65,7 @@ class TransformSpec:
                 self.format or "-",
                 str(self.target or "-"),
                 algorithm,
+                "bw" if self.bw else "-",
                 source_identity,
             )
         )
@@ -128,6 +131,8 @@ def parse_query(query_string: str) -> dict[str, list[str]]:
         raise BadRequest("too many query parameters") from None
     args: dict[str, list[str]] = {}
     for key, value in pairs:
+        if key == "bw" and value != "1":
+            continue  # only `bw=1` enables it; any other value is not a transform parameter
         if key in TRANSFORM_PARAMS:
             args.setdefault(key, []).append(value)
     return args
@@ -160,7 +165,7 @@ def parse(
     if raw_alg is not None:
         algorithm = raw_alg.lower()
         if algorithm not in ALGORITHMS:
-            raise BadRequest("invalid resize_algorithm (allowed lanczos3, thumbnail, auto)")
+            raise BadRequest(f"invalid resize_algorithm (allowed {', '.join(ALGORITHMS)})")
 
     dpr = Decimal(1)
     raw_dpr = _one(args, "dpr")
@@ -180,5 +185,11 @@ def parse(
         # half away from zero: 101 x 2.5 = 253 (Python's round() would give 252)
         target = int((Decimal(size) * dpr).to_integral_value(rounding=ROUND_HALF_UP))
     return TransformSpec(
-        path=path, transform=True, format=fmt, target=target, algorithm=algorithm, dpr=dpr
+        path=path,
+        transform=True,
+        format=fmt,
+        target=target,
+        algorithm=algorithm,
+        dpr=dpr,
+        bw="bw" in args,  # repeated `bw=1` is still just on
     )

@@ -23,6 +23,7 @@ from .errors import (
     ImgProxyError,
     NotFound,
     Overloaded,
+    RenderFailed,
     UnprocessableImage,
     UnsupportedMediaType,
     UpstreamError,
@@ -256,6 +257,12 @@ class ImageService:
             rendered = await loop.run_in_executor(
                 self.executor, self._render_job, located, spec, waiting
             )
+        except RenderFailed as exc:
+            # logged here, once per render (coalesced waiters share it); the client gets
+            # only the public reason from the app's error handler, which does not log
+            cause = " ".join(str(exc.__cause__).split())  # libvips errors span lines
+            log.error("render failed for %s: %s", spec.path, cause, exc_info=exc)
+            raise
         finally:
             self.pending -= 1
         for step, seconds in rendered.steps.items():
@@ -297,15 +304,16 @@ class ImageService:
             else:
                 data = read_capped(located.path, limits.max_source_bytes)
             kind = self._check_source(located, data)
-            return transform.render(
-                data,
-                kind,
-                spec.format or kind,
-                spec.target,
-                spec.algorithm,
-                limits.max_source_pixels,
-                self.settings.encode,
+            plan = transform.Plan(
+                source_type=kind,
+                format=spec.format or sniff.source_format(kind, spec.path),
+                target=spec.target,
+                algorithm=spec.algorithm,
+                max_pixels=limits.max_source_pixels,
+                bw=spec.bw,
+                encode=self.settings.encode,
             )
+            return transform.render(data, plan)
         finally:
             self.metrics.transforms_running.dec()
 

@@ -1,21 +1,27 @@
-"""Magic bytes -> image type, and header-only dimensions, without decoding a pixel.
+"""Magic bytes -> image type, and header-only facts (dimensions, alpha), without decoding.
 
 The file extension and an origin's Content-Type are never trusted: the type of a body is
-what its first bytes say. Only AVIF, JPEG, PNG and WebP are supported; GIF, HEIC, SVG, TIFF,
-text and everything else are `None`.
+what its first bytes say. AVIF, JPEG, PNG and WebP are supported, and GIF as a *source*
+only (its first frame is decoded, as the original did; we never encode GIF). HEIC, SVG,
+TIFF, text and everything else are `None`.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+
+from .config import FORMAT_ALIASES
 
 CONTENT_TYPES = {
     "avif": "image/avif",
+    "gif": "image/gif",
     "jpeg": "image/jpeg",
     "png": "image/png",
     "webp": "image/webp",
 }
 SNIFF_BYTES = 64  # enough for every signature below
+PROBE_BYTES = 4096  # what `probe` wants: PNG chunks before IDAT, the AVIF `meta` box
 
 _AVIF_BRANDS = {b"avif", b"avis"}
 
@@ -28,6 +34,8 @@ def sniff(head: bytes) -> str | None:
         return "png"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
     if head[4:8] == b"ftyp" and len(head) >= 16:
         size = struct.unpack(">I", head[:4])[0]
         box = head[8 : min(max(size, 16), len(head))]
@@ -35,6 +43,49 @@ def sniff(head: bytes) -> str | None:
         if brands & _AVIF_BRANDS:
             return "avif"
     return None
+
+
+def source_format(kind: str, path: str) -> str:
+    """The output format when the request names none ("the source's own format").
+
+    A GIF source is the exception: the contract's output formats are AVIF, JPEG, PNG and
+    WebP (`format=gif` is a 400, `Content-Type` of a transform is one of those four), and a
+    GIF re-encode would quantise to 256 colours. A GIF only reaches a transform under a name
+    with an allowed extension (`gif_disguised.png`), so it is encoded as the format that
+    name promises: what the URL says is what the client and every cache in between expect.
+    """
+    if kind in CONTENT_TYPES and kind != "gif":
+        return kind
+    name = path.rpartition("/")[2]
+    return FORMAT_ALIASES.get(name.rpartition(".")[2].lower(), "png")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What the first bytes say: the type, the stored size (None when the head cannot tell;
+    before any EXIF/irot rotation) and whether the image may have alpha. `has_alpha` is
+    conservative: True whenever the head does not prove the image opaque, so that an alpha
+    source never negotiates to JPEG."""
+
+    kind: str
+    width: int | None
+    height: int | None
+    has_alpha: bool
+
+
+def probe(head: bytes) -> Probe | None:
+    """Type, dimensions and alpha of an image from its first bytes (`PROBE_BYTES` is plenty;
+    fewer only makes the answer more conservative); None if it is not a supported image."""
+    kind = sniff(head[:SNIFF_BYTES])
+    if kind is None:
+        return None
+    try:
+        dims = dimensions(head, kind)
+        alpha = _ALPHA[kind](head)
+    except (struct.error, IndexError, ValueError):
+        dims, alpha = None, None
+    width, height = dims if dims is not None else (None, None)
+    return Probe(kind, width, height, True if alpha is None else alpha)
 
 
 def dimensions(data: bytes, kind: str) -> tuple[int, int] | None:
@@ -50,6 +101,10 @@ def dimensions(data: bytes, kind: str) -> tuple[int, int] | None:
             return _jpeg(data)
         if kind == "webp":
             return _webp(data)
+        if kind == "gif":
+            return _gif(data)
+        if kind == "avif":
+            return _avif(data)
     except (struct.error, IndexError, ValueError):
         return None
     return None
@@ -101,3 +156,126 @@ def _webp(data: bytes) -> tuple[int, int] | None:
         b = int.from_bytes(data[21:25], "little")
         return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
     return None
+
+
+def _gif(data: bytes) -> tuple[int, int] | None:
+    w, h = struct.unpack("<HH", data[6:10])  # the logical screen: libvips' canvas
+    return w, h
+
+
+def _avif(data: bytes) -> tuple[int, int] | None:
+    """The largest `ispe` (image spatial extents) property in the `meta` box: the primary
+    image (a grid's tiles, the alpha plane and thumbnails are never larger)."""
+    meta = _avif_meta(data)
+    if meta is None:
+        return None
+    start, end, _ = meta
+    best: tuple[int, int] | None = None
+    at = data.find(b"ispe", start, end)
+    while at >= 0 and at + 16 <= end:
+        w, h = struct.unpack(">II", data[at + 8 : at + 16])  # after version/flags
+        if best is None or w * h > best[0] * best[1]:
+            best = (w, h)
+        at = data.find(b"ispe", at + 4, end)
+    return best
+
+
+def _avif_meta(data: bytes) -> tuple[int, int, bool] | None:
+    """(start, end, complete) of the top-level `meta` box, clipped to `data`; None if the
+    head ends before it starts."""
+    at = 0
+    while at + 8 <= len(data):
+        size, box = struct.unpack(">I4s", data[at : at + 8])
+        if size == 1:
+            (size,) = struct.unpack(">Q", data[at + 8 : at + 16])
+        elif size == 0:
+            size = len(data) - at
+        if box == b"meta":
+            return at + 8, min(at + size, len(data)), at + size <= len(data)
+        if size < 8:
+            return None
+        at += size
+    return None
+
+
+# -- alpha: True, False, or None (the head cannot tell) ------------------------------------
+
+_AVIF_ALPHA_URNS = (b"urn:mpeg:mpegB:cicp:systems:auxiliary:alpha", b"urn:mpeg:hevc:2015:auxid:1")
+
+
+def _png_alpha(data: bytes) -> bool | None:
+    if data[25] in (4, 6):  # IHDR colour type: grey + alpha, RGBA
+        return True
+    at = 33  # after the signature and IHDR: walk the chunks up to the first IDAT
+    while at + 8 <= len(data):
+        length, chunk = struct.unpack(">I4s", data[at : at + 8])
+        if chunk == b"tRNS":
+            return True
+        if chunk in (b"IDAT", b"IEND"):
+            return False
+        at += 12 + length
+    return None
+
+
+def _webp_alpha(data: bytes) -> bool | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return bool(data[20] & 0x10)  # the ALPHA flag of the extended header
+    if chunk == b"VP8L":
+        b = int.from_bytes(data[21:25], "little")
+        return bool((b >> 28) & 1)  # alpha_is_used hint after the 14+14 bit size
+    if chunk == b"VP8 ":
+        return False  # simple lossy: no alpha possible
+    return None
+
+
+def _avif_alpha(data: bytes) -> bool | None:
+    meta = _avif_meta(data)
+    if meta is None:
+        return None
+    start, end, complete = meta
+    if any(data.find(urn, start, end) >= 0 for urn in _AVIF_ALPHA_URNS):
+        return True  # an auxiliary alpha image (`auxC` property)
+    return False if complete else None
+
+
+def _gif_alpha(data: bytes) -> bool | None:
+    """Transparent if the first frame's Graphic Control Extension sets the transparency
+    flag, or the first frame does not cover the whole logical screen (libvips leaves the
+    rest transparent)."""
+    screen = data[6:10]
+    packed = data[10]
+    at = 13 + (3 << ((packed & 7) + 1) if packed & 0x80 else 0)  # skip the global colour table
+    while at < len(data):
+        block = data[at]
+        if block == 0x3B:  # trailer: no image at all
+            return False
+        if block == 0x2C:  # the first image descriptor: left, top, width, height
+            left_top, size = data[at + 1 : at + 5], data[at + 5 : at + 9]
+            if len(size) < 4:
+                return None
+            return left_top != b"\0\0\0\0" or size != screen
+        if block != 0x21:
+            return None  # not a GIF we understand
+        if data[at + 1] == 0xF9 and data[at + 3] & 1:  # GCE: label, size byte, packed flags
+            return True
+        at += 2  # extension introducer and label, then sub-blocks until a 0 length
+        while True:
+            n = data[at]
+            at += 1 + n
+            if n == 0:
+                break
+    return None
+
+
+def _jpeg_alpha(data: bytes) -> bool | None:
+    return False
+
+
+_ALPHA = {
+    "avif": _avif_alpha,
+    "gif": _gif_alpha,
+    "jpeg": _jpeg_alpha,
+    "png": _png_alpha,
+    "webp": _webp_alpha,
+}

@@ -1,19 +1,24 @@
 """The only module that imports pyvips: bytes in, encoded image out.
 
-`render()` runs the pipeline as a visible list of small steps:
+`render(data, plan)` runs `STEPS`, a visible list of small steps, each `(work) -> image`:
 
     header   read the header only; refuse bombs (pixel limit) before a pixel is decoded
-    load     decode, shrinking on load where the format allows (JPEG DCT scaling)
-    resize   Lanczos3 to the exact output size (never upscale), alpha premultiplied
+    load     decode, shrinking on load where it can (one decision: JPEG DCT shrink,
+             libvips `thumbnail`, or a full decode)
+    resize   to the exact output size (never upscale), Lanczos3 or cubic, alpha premultiplied
     orient   apply EXIF orientation (after the resize: rotating the small image is cheaper)
     colour   convert to sRGB (embedded ICC profile honoured), 8 bits
+    bw       `bw=1`: luminance (Rec. 709 weights on linear light), one grey band (+ alpha)
     flatten  JPEG only: alpha onto white
     encode   metadata stripped (EXIF, XMP, ICC)
 
-libvips evaluates lazily; `load` materialises the (shrunk) decode so that the three timed
-steps (decode, resize, encode) mean what they say.  The non-JPEG `thumbnail` path lets libvips
-stream decode+resize in one pass (bounded memory for big PNGs) and is timed as `resize`.
-It runs in executor threads: pyvips releases the GIL inside libvips.
+libvips evaluates lazily. The loop times each step into one of three phases (`decode`,
+`resize`, `encode`: the metrics' and Server-Timing's keys) and puts the pixels in memory
+at the end of the first two phases, so that each timing means what it says. It also gives
+libvips failures their meaning: until the decoded pixels are in memory a failure is the
+input's (corrupt or truncated: 422); after that it is ours (an encoder missing or refusing,
+WebP's 16383 px limit, out of memory: 500). Runs in executor threads: pyvips releases the
+GIL inside libvips.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ import contextlib
 import math
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyvips
 
 from .config import EncodeOptions
-from .errors import UnprocessableImage
+from .errors import RenderFailed, UnprocessableImage
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 _LOADERS = (
@@ -35,10 +41,12 @@ _LOADERS = (
     "VipsForeignLoadPng",
     "VipsForeignLoadWebp",
     "VipsForeignLoadHeif",
+    "VipsForeignLoadNsgif",  # GIF sources (first frame); the type is Nsgif, not Gif
 )
 _JPEG_SHRINKS = (8, 4, 2)
 _SRGB_DESCRIPTIONS = frozenset({"sRGB", "sRGB built-in", "sRGB IEC61966-2.1"})
 _AUTO_THRESHOLD = 0.8  # auto: thumbnail when target / longest source edge < 0.8
+_KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
 
 
 def configure(concurrency: int) -> None:
@@ -49,12 +57,25 @@ def configure(concurrency: int) -> None:
     # Parallelism comes from the executor threads (one image each); libvips' own pipeline
     # threads on top would oversubscribe the cores.
     pyvips.concurrency_set(concurrency)
-    # Only the four formats we serve may ever reach a decoder: no SVG, TIFF, PDF, GIF,
-    # matrix/CSV/raw loaders, whatever a file claims to be.
+    # Only the formats we read may ever reach a decoder (our four, and GIF's first frame):
+    # no SVG, TIFF, PDF, matrix/CSV/raw loaders, whatever a file claims to be.
     pyvips.block_untrusted_set(True)
     pyvips.operation_block_set("VipsForeignLoad", True)
     for name in _LOADERS:
         pyvips.operation_block_set(name, False)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one render needs besides the bytes, resolved by the service."""
+
+    source_type: str  # sniffed: avif, gif, jpeg, png or webp
+    format: str  # output: avif, jpeg, png or webp
+    encode: EncodeOptions
+    max_pixels: int  # width x height from the header, checked before decoding
+    target: int | None = None  # longest output edge; None = keep the size
+    algorithm: str = "auto"  # auto, thumbnail, lanczos3 or bicubic
+    bw: bool = False
 
 
 @dataclass
@@ -64,6 +85,30 @@ class Rendered:
     width: int
     height: int
     steps: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Work:
+    """What the steps share: the input, the plan, the header's facts, the image so far."""
+
+    data: bytes
+    plan: Plan
+    image: pyvips.Image = None
+    orientation: int = 1
+    size: tuple[int, int] = (0, 0)  # output size, upright
+    stored: tuple[int, int] = (0, 0)  # output size before orientation
+    resizing: bool = False
+    upright: bool = False  # libvips' thumbnail has applied the orientation already
+    decoded: bool = False  # the pixels are in memory: a libvips failure is ours, not the input's
+    output: bytes = b""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    phase: str  # decode | resize | encode: the key its time is reported under
+    run: Callable[[Work], pyvips.Image]
+    materialise: bool = False  # pixels into memory after this step (ends a timed phase)
 
 
 def output_size(width: int, height: int, target: int | None) -> tuple[int, int]:
@@ -84,62 +129,116 @@ def choose_algorithm(algorithm: str, target: int, longest: int) -> str:
     return algorithm
 
 
-def render(
-    data: bytes,
-    source_type: str,
-    out_format: str,
-    target: int | None,
-    algorithm: str,
-    max_pixels: int,
-    options: EncodeOptions,
-) -> Rendered:
-    """Transform one image; raises UnprocessableImage for corrupt or oversized input."""
-    steps: dict[str, float] = {}
-    try:
+def render(data: bytes, plan: Plan) -> Rendered:
+    """Transform one image. Raises UnprocessableImage (422) for corrupt or oversized input,
+    RenderFailed (500, the libvips error chained as its cause) for our own failures."""
+    work = Work(data, plan)
+    timings = {"decode": 0.0, "resize": 0.0, "encode": 0.0}
+    for step in STEPS:
         t0 = time.perf_counter()
-        header = pyvips.Image.new_from_buffer(data, "")
-        width, height = header.width, header.height
-        if width * height > max_pixels:
-            raise UnprocessableImage(f"image too large: {width}x{height} is over the pixel limit")
-        orientation = header.get("orientation") if header.get_typeof("orientation") else 1
-        swap = orientation in (5, 6, 7, 8)
-        ow, oh = (height, width) if swap else (width, height)
-        tw, th = output_size(ow, oh, target)
-        resize = (tw, th) != (ow, oh)
-        pre_w, pre_h = (th, tw) if swap else (tw, th)  # the output size before rotation
+        try:
+            work.image = step.run(work)
+            if step.materialise:
+                work.image = work.image.copy_memory()
+                work.decoded = True
+        except pyvips.Error as exc:
+            if work.decoded or "out of memory" in str(exc):
+                raise RenderFailed() from exc
+            raise UnprocessableImage("corrupt or truncated image") from exc
+        timings[step.phase] += time.perf_counter() - t0
+    image = work.image
+    return Rendered(work.output, plan.format, image.width, image.height, timings)
 
-        if resize and choose_algorithm(algorithm, target or 0, max(ow, oh)) == "thumbnail":
-            if source_type == "jpeg":
-                image = _load_jpeg_shrunk(data, width, height, pre_w, pre_h)
-                steps["decode"] = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                image = _orient(_resize(image, pre_w, pre_h), orientation).copy_memory()
-            else:
-                steps["decode"] = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                image = pyvips.Image.thumbnail_buffer(
-                    data, tw, height=th, size="force", option_string="fail_on=truncated"
-                ).copy_memory()
-            steps["resize"] = time.perf_counter() - t1
-        else:
-            image = pyvips.Image.new_from_buffer(data, "", fail_on="truncated", access="sequential")
-            image = image.copy_memory()
-            steps["decode"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            if resize:
-                image = _resize(image, pre_w, pre_h)
-            image = _orient(image, orientation).copy_memory()
-            steps["resize"] = time.perf_counter() - t1
 
-        t2 = time.perf_counter()
-        image = _to_srgb(image)
-        if out_format == "jpeg" and image.hasalpha():
-            image = image.flatten(background=[255] * (image.bands - 1))
-        body = _encode(image, out_format, options)
-        steps["encode"] = time.perf_counter() - t2
-        return Rendered(body, out_format, image.width, image.height, steps)
-    except pyvips.Error as exc:
-        raise UnprocessableImage("corrupt or truncated image") from exc
+# -- the steps ---------------------------------------------------------------------------
+
+
+def check_header(w: Work) -> pyvips.Image:
+    header = pyvips.Image.new_from_buffer(w.data, "")
+    width, height = header.width, header.height
+    if width * height > w.plan.max_pixels:
+        raise UnprocessableImage(f"image too large: {width}x{height} is over the pixel limit")
+    w.orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+    swap = w.orientation in (5, 6, 7, 8)
+    upright = (height, width) if swap else (width, height)
+    w.size = output_size(*upright, w.plan.target)
+    w.stored = (w.size[1], w.size[0]) if swap else w.size
+    w.resizing = w.size != upright
+    return header
+
+
+def load(w: Work) -> pyvips.Image:
+    """Decode as little as the output needs. The one decision between three ways:
+
+    * no resize, or `lanczos3`/`bicubic` (quality first): a full decode;
+    * `thumbnail`, JPEG: DCT shrink-on-load (1/8, 1/4, 1/2), the kernel finishes the job;
+    * `thumbnail`, other formats: libvips' `thumbnail` streams decode and resize in one
+      pass (bounded memory for big PNGs; WebP/AVIF shrink on load) and orients.
+    """
+    header, (tw, th) = w.image, w.size
+    how = "full"
+    if w.resizing and w.plan.target is not None:
+        how = choose_algorithm(w.plan.algorithm, w.plan.target, max(header.width, header.height))
+    if how == "thumbnail" and w.plan.source_type == "jpeg":
+        return _load_jpeg_shrunk(w.data, header.width, header.height, *w.stored)
+    if how == "thumbnail":
+        w.upright = True
+        # the fail_on= keyword is ignored by thumbnail_buffer; the option string is not
+        return pyvips.Image.thumbnail_buffer(
+            w.data, tw, height=th, size="force", option_string="fail_on=truncated"
+        )
+    return pyvips.Image.new_from_buffer(w.data, "", fail_on="truncated", access="sequential")
+
+
+def resize(w: Work) -> pyvips.Image:
+    width, height = w.size if w.upright else w.stored
+    return _resize(w.image, width, height, _KERNELS.get(w.plan.algorithm, "lanczos3"))
+
+
+def orient(w: Work) -> pyvips.Image:
+    if w.upright or w.orientation in (0, 1) or not 1 <= w.orientation <= 8:
+        return w.image
+    return w.image.autorot()
+
+
+def colour(w: Work) -> pyvips.Image:
+    return _to_srgb(w.image)
+
+
+def black_and_white(w: Work) -> pyvips.Image:
+    """libvips' sRGB -> B_W goes through linear light and takes Y = 0.2126 R + 0.7152 G +
+    0.0722 B (Rec. 709), then re-applies the sRGB curve: pure green is far brighter than pure
+    red or blue, unlike a channel average. The result stays one grey band (+ alpha): JPEG and
+    PNG then write true greyscale (smaller), and libvips' WebP and AVIF savers, which have
+    no grey mode, expand it to R = G = B themselves."""
+    return w.image.colourspace("b-w") if w.plan.bw else w.image
+
+
+def flatten(w: Work) -> pyvips.Image:
+    image = w.image
+    if w.plan.format == "jpeg" and image.hasalpha():
+        image = image.flatten(background=[255] * (image.bands - 1))
+    return image
+
+
+def encode(w: Work) -> pyvips.Image:
+    w.output = _encode(w.image, w.plan.format, w.plan.encode)
+    return w.image
+
+
+STEPS: tuple[Step, ...] = (
+    Step("header", "decode", check_header),
+    Step("load", "decode", load, materialise=True),
+    Step("resize", "resize", resize),
+    Step("orient", "resize", orient, materialise=True),
+    Step("colour", "encode", colour),
+    Step("bw", "encode", black_and_white),
+    Step("flatten", "encode", flatten),
+    Step("encode", "encode", encode),
+)
+
+
+# -- helpers -----------------------------------------------------------------------------
 
 
 def _load_jpeg_shrunk(data: bytes, width: int, height: int, w: int, h: int) -> pyvips.Image:
@@ -156,25 +255,19 @@ def _load_jpeg_shrunk(data: bytes, width: int, height: int, w: int, h: int) -> p
     return image.copy_memory()
 
 
-def _resize(image: pyvips.Image, width: int, height: int) -> pyvips.Image:
+def _resize(image: pyvips.Image, width: int, height: int, kernel: str) -> pyvips.Image:
     if (image.width, image.height) == (width, height):
         return image
     alpha = image.hasalpha()
     band_format = image.format
     if alpha:
         image = image.premultiply()
-    image = image.resize(width / image.width, vscale=height / image.height, kernel="lanczos3")
+    image = image.resize(width / image.width, vscale=height / image.height, kernel=kernel)
     if alpha:
         image = image.unpremultiply().cast(band_format)
     if (image.width, image.height) != (width, height):  # guard against a rounding surprise
         image = image.thumbnail_image(width, height=height, size="force")
     return image
-
-
-def _orient(image: pyvips.Image, orientation: int) -> pyvips.Image:
-    if orientation in (1, 0) or not 1 <= orientation <= 8:
-        return image
-    return image.autorot()
 
 
 def _icc_description(profile: bytes) -> str:
@@ -226,7 +319,9 @@ def _encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes:
             Q=max(1, o.jpeg_quality), optimize_coding=True, keep=_KEEP_NONE
         )
     elif fmt == "webp":
-        data = image.webpsave_buffer(Q=o.webp_quality, effort=o.webp_effort, keep=_KEEP_NONE)
+        data = image.webpsave_buffer(
+            Q=o.webp_quality, effort=o.webp_effort, lossless=o.webp_lossless, keep=_KEEP_NONE
+        )
     elif fmt == "avif":
         data = image.heifsave_buffer(
             Q=max(1, o.avif_quality),
