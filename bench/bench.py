@@ -477,12 +477,14 @@ def _floor_worker(args: tuple) -> tuple[int, float]:
     with open(path, "rb") as fh:
         data = fh.read()
     hdr = pyvips.Image.new_from_buffer(data, "")
-    opts = transform.EncodeOptions()
+    from imgproxy.config import default_encode_options
+
+    opts = default_encode_options()
 
     def one(i: int) -> None:
         size = SIZES[i % len(SIZES)]
         if mode == "render":
-            transform.render(data, "jpeg", fmt, size, "auto", 1 << 40, opts)
+            transform.render(data, transform.Plan("jpeg", fmt, opts, 1 << 40, size, "auto"))
         else:
             w, h = transform.output_size(hdr.width, hdr.height, size)
             transform._load_jpeg_shrunk(data, hdr.width, hdr.height, w, h)

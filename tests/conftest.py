@@ -82,7 +82,8 @@ def build_corpus(root: Path) -> None:
     rotated.set_type(pyvips.GValue.gint_type, "orientation", 6)
     rotated.jpegsave(str(root / "rotated.jpg"), Q=85)
     # lies and damage
-    photo(40, 30).gifsave(str(root / "gif-named.png"))
+    photo(40, 30).gifsave(str(root / "gif-named.png"))  # decoded by its bytes (first frame)
+    photo(40, 30).tiffsave(str(root / "tiff-named.png"))  # TIFF is never decoded: 415
     (root / "text.jpg").write_text("hello, I am not an image\n")
     full = (root / "landscape.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(full[: len(full) // 2])

@@ -36,12 +36,14 @@ ERRORS = [
     ("ext-gif", "/anim.gif", 415),
     ("text-named-jpg", "/text.jpg", 415),
     ("text-named-jpg-transform", "/text.jpg?size=10", 415),
-    ("gif-named-png", "/gif-named.png", 415),
-    ("gif-named-png-transform", "/gif-named.png?format=webp", 415),
+    ("tiff-named-png", "/tiff-named.png", 415),
+    ("tiff-named-png-transform", "/tiff-named.png?format=webp", 415),
     ("empty-file", "/empty.jpg", 415),
     # unprocessable
     ("truncated-jpeg", "/truncated.jpg?size=100", 422),
     ("truncated-jpeg-no-resize", "/truncated.jpg?format=png", 422),
+    ("truncated-jpeg-shrink", "/truncated.jpg?size=100&resize_algorithm=thumbnail", 422),
+    ("truncated-jpeg-bicubic", "/truncated.jpg?size=100&resize_algorithm=bicubic", 422),
     ("png-bomb", "/bomb.png?size=100", 422),
 ]
 

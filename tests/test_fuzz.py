@@ -3,7 +3,8 @@
 * parser: `params.parse_path`, `parse_query` and `parse` may only raise our typed errors, and a
   path they return is always safe to join onto the root;
 * decoders: mutated real images (bit flips, truncation, splices, inserted bytes) through
-  `transform.render` may only raise `UnprocessableImage`; a few through HTTP never give 500.
+  `transform.render` may only raise `UnprocessableImage` (and `RenderFailed` only for an
+  encoder's own limit); `sniff.probe` never raises; a few through HTTP never give 500.
 
 CI runs are short. Longer runs: `IMGPROXY_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/test_fuzz.py`
 (see tests/README-fuzz.md).
@@ -33,7 +34,7 @@ from imgproxy.config import (
     _strip_path,
     default_encode_options,
 )
-from imgproxy.errors import ImgProxyError, UnprocessableImage
+from imgproxy.errors import ImgProxyError, RenderFailed, UnprocessableImage
 from imgproxy.httpdates import parse_date
 
 EXAMPLES = int(os.environ.get("IMGPROXY_FUZZ_EXAMPLES", "200"))
@@ -239,6 +240,10 @@ def _seed_images() -> dict[str, bytes]:
         "webp-lossless": bytes(rgba.webpsave_buffer(lossless=True, keep=KEEP_NONE)),
         "webp-alpha": bytes(rgba.webpsave_buffer(Q=75, keep=KEEP_NONE)),
         "avif": bytes(rgb.heifsave_buffer(compression="av1", effort=0, Q=40, keep=KEEP_NONE)),
+        "avif-alpha": bytes(
+            rgba.heifsave_buffer(compression="av1", effort=0, Q=40, keep=KEEP_NONE)
+        ),
+        "gif": bytes(rgb.gifsave_buffer(keep=KEEP_NONE)),
     }
 
 
@@ -282,19 +287,26 @@ def _vips() -> None:
     data=mutated(),
     out=st.sampled_from(["jpeg", "png", "webp", "avif"]),
     target=st.one_of(st.none(), st.integers(1, 100)),
-    algorithm=st.sampled_from(["thumbnail", "lanczos3", "auto"]),
+    algorithm=st.sampled_from(["thumbnail", "lanczos3", "bicubic", "auto"]),
+    bw=st.booleans(),
 )
 def test_render_only_raises_unprocessable(
-    data: bytes, out: str, target: int | None, algorithm: str
+    data: bytes, out: str, target: int | None, algorithm: str, bw: bool
 ) -> None:
     kind = sniff.sniff(data[: sniff.SNIFF_BYTES])
     assume(kind is not None)  # the service answers 415 before any decoder sees these
     assert kind is not None
     try:
-        rendered = transform.render(
-            data, kind, out, target, algorithm, MAX_PIXELS, default_encode_options()
+        plan = transform.Plan(
+            kind, out, default_encode_options(), MAX_PIXELS, target, algorithm, bw
         )
+        rendered = transform.render(data, plan)
     except UnprocessableImage:
+        return
+    except RenderFailed:
+        # a decodable image may still be beyond an encoder's own limit (WebP: 16383 px)
+        dims = sniff.dimensions(data, kind)
+        assert out == "webp" and dims is not None and max(dims) > 16383
         return
     assert rendered.format == out
     assert rendered.width >= 1 and rendered.height >= 1
@@ -311,6 +323,17 @@ def test_header_dimensions_never_raise(data: bytes) -> None:
     assert dims is None or (dims[0] >= 0 and dims[1] >= 0)
 
 
+@DECODER
+@given(data=mutated(), cut=st.integers(0, sniff.PROBE_BYTES))
+def test_probe_never_raises(data: bytes, cut: int) -> None:
+    found = sniff.probe(data[:cut])
+    if found is None:
+        assert sniff.sniff(data[: min(cut, sniff.SNIFF_BYTES)]) is None
+    else:
+        assert found.kind == sniff.sniff(data[: sniff.SNIFF_BYTES])
+        assert (found.width is None) == (found.height is None)
+
+
 @PARSER
 @given(head=st.binary(max_size=80))
 def test_sniff_total_on_arbitrary_bytes(head: bytes) -> None:
@@ -322,7 +345,7 @@ def test_sniff_total_on_arbitrary_bytes(head: bytes) -> None:
 
 # -- a few mutants through HTTP: never a 500 ---------------------------------------------------
 
-EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "avif": "avif"}
+EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "avif": "avif", "gif": "png"}
 
 
 @pytest.fixture(scope="module")

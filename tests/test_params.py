@@ -65,7 +65,7 @@ def test_target_edge(settings: Settings, query: str, target: int) -> None:
         "format=gif",
         "format=",
         "format=tiff",
-        "resize_algorithm=bicubic",
+        "resize_algorithm=cubic",
         "resize_algorithm=",
         "size=1&size=2",
     ],
@@ -79,6 +79,41 @@ def test_format_case_insensitive_and_jpg(settings: Settings) -> None:
     assert p(settings, "format=JPG").format == "jpeg"
     assert p(settings, "format=WebP").format == "webp"
     assert p(settings, "resize_algorithm=LANCZOS3").algorithm == "lanczos3"
+
+
+def test_bicubic_is_an_algorithm(tmp_path: Path, settings: Settings) -> None:
+    assert p(settings, "size=10&resize_algorithm=BiCubic").algorithm == "bicubic"
+    s = Settings.from_env(
+        {"IMAGE_PROXY_ROOT_PATH": str(tmp_path), "IMAGE_PROXY_RESIZE_ALGORITHM": "bicubic"}
+    )
+    assert p(s, "size=10").algorithm == "bicubic"
+
+
+@pytest.mark.parametrize(
+    ("query", "transform", "bw"),
+    [
+        ("bw=1", True, True),
+        ("bw=1&size=10", True, True),
+        ("bw=1&bw=1", True, True),
+        ("bw=0", False, False),  # any other value is ignored: not a transform parameter
+        ("bw=true", False, False),
+        ("bw=", False, False),
+        ("bw=01", False, False),
+        ("bw=2&v=3", False, False),
+        ("bw=0&size=10", True, False),
+        ("bw=0&bw=1", True, True),
+    ],
+)
+def test_bw_only_the_value_1(settings: Settings, query: str, transform: bool, bw: bool) -> None:
+    spec = p(settings, query)
+    assert (spec.transform, spec.bw) == (transform, bw)
+
+
+def test_bw_is_in_the_cache_key(settings: Settings) -> None:
+    key = p(settings, "size=100").cache_key("id")
+    assert p(settings, "size=100&bw=1").cache_key("id") != key
+    assert p(settings, "size=100&bw=0").cache_key("id") == key
+    assert p(settings, "bw=1").cache_key("id") != p(settings, "format=jpeg").cache_key("id")
 
 
 def test_dpr_priority_query_over_header(settings: Settings) -> None:

@@ -111,6 +111,7 @@ def test_cache_control_can_be_disabled(serve: Callable[..., Server]) -> None:
         ("size=1", (1, 1), "jpeg"),
         ("size=400&resize_algorithm=lanczos3", (400, 300), "jpeg"),
         ("size=400&resize_algorithm=thumbnail", (400, 300), "jpeg"),
+        ("size=400&resize_algorithm=bicubic", (400, 300), "jpeg"),
         ("size=1100&resize_algorithm=auto", (1100, 825), "jpeg"),
         ("resize_algorithm=lanczos3", (1200, 900), "jpeg"),
     ],
@@ -126,7 +127,7 @@ def test_landscape_transforms(server: Server, query: str, size: tuple[int, int],
     assert dims(r.body) == size
 
 
-@pytest.mark.parametrize("algorithm", ["thumbnail", "lanczos3", "auto"])
+@pytest.mark.parametrize("algorithm", ["thumbnail", "lanczos3", "bicubic", "auto"])
 def test_portrait_and_algorithms_agree(server: Server, algorithm: str) -> None:
     r = server.get(f"/portrait.jpg?size=300&resize_algorithm={algorithm}&format=png")
     assert dims(r.body) == (200, 300)

@@ -3,8 +3,7 @@
 `render(data, plan)` runs `STEPS`, a visible list of small steps, each `(work) -> image`:
 
     header   read the header only; refuse bombs (pixel limit) before a pixel is decoded
-    load     decode, shrinking on load where it can (one decision: JPEG DCT shrink,
-             libvips `thumbnail`, or a full decode)
+    load     decode, shrinking on load where it can (JPEG DCT shrink, libvips `thumbnail`)
     resize   to the exact output size (never upscale), Lanczos3 or cubic, alpha premultiplied
     orient   apply EXIF orientation (after the resize: rotating the small image is cheaper)
     colour   convert to sRGB (embedded ICC profile honoured), 8 bits
@@ -12,13 +11,12 @@
     flatten  JPEG only: alpha onto white
     encode   metadata stripped (EXIF, XMP, ICC)
 
-libvips evaluates lazily. The loop times each step into one of three phases (`decode`,
-`resize`, `encode`: the metrics' and Server-Timing's keys) and puts the pixels in memory
-at the end of the first two phases, so that each timing means what it says. It also gives
-libvips failures their meaning: until the decoded pixels are in memory a failure is the
-input's (corrupt or truncated: 422); after that it is ours (an encoder missing or refusing,
-WebP's 16383 px limit, out of memory: 500). Runs in executor threads: pyvips releases the
-GIL inside libvips.
+libvips evaluates lazily: the loop times each step into its phase (`decode`, `resize`,
+`encode`: the metrics' keys) and puts the pixels in memory at the end of the first two, so
+each timing means what it says. That also gives a libvips failure its meaning: before the
+decoded pixels are in memory it is the input's (corrupt, truncated: 422), after, it is ours
+(an encoder missing or refusing, WebP's 16383 px limit, out of memory: 500). Runs in
+executor threads: pyvips releases the GIL inside libvips.
 """
 
 from __future__ import annotations
@@ -36,16 +34,12 @@ from .config import EncodeOptions
 from .errors import RenderFailed, UnprocessableImage
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
-_LOADERS = (
-    "VipsForeignLoadJpeg",
-    "VipsForeignLoadPng",
-    "VipsForeignLoadWebp",
-    "VipsForeignLoadHeif",
-    "VipsForeignLoadNsgif",  # GIF sources (first frame); the type is Nsgif, not Gif
-)
+# our four, and GIF sources (first frame; the libvips type is Nsgif, not Gif)
+_LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "Heif", "Nsgif"))
 _JPEG_SHRINKS = (8, 4, 2)
 _SRGB_DESCRIPTIONS = frozenset({"sRGB", "sRGB built-in", "sRGB IEC61966-2.1"})
 _AUTO_THRESHOLD = 0.8  # auto: thumbnail when target / longest source edge < 0.8
+_AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
 
 
@@ -123,12 +117,6 @@ def output_size(width: int, height: int, target: int | None) -> tuple[int, int]:
     return max(1, math.floor(width * scale + 0.5)), target
 
 
-def choose_algorithm(algorithm: str, target: int, longest: int) -> str:
-    if algorithm == "auto":
-        return "thumbnail" if target / longest < _AUTO_THRESHOLD else "lanczos3"
-    return algorithm
-
-
 def render(data: bytes, plan: Plan) -> Rendered:
     """Transform one image. Raises UnprocessableImage (422) for corrupt or oversized input,
     RenderFailed (500, the libvips error chained as its cause) for our own failures."""
@@ -176,9 +164,13 @@ def load(w: Work) -> pyvips.Image:
       pass (bounded memory for big PNGs; WebP/AVIF shrink on load) and orients.
     """
     header, (tw, th) = w.image, w.size
-    how = "full"
-    if w.resizing and w.plan.target is not None:
-        how = choose_algorithm(w.plan.algorithm, w.plan.target, max(header.width, header.height))
+    how = w.plan.algorithm if w.resizing else "full"
+    if how == "auto":
+        how = (
+            "thumbnail"
+            if max(w.size) / max(header.width, header.height) < _AUTO_THRESHOLD
+            else "lanczos3"
+        )
     if how == "thumbnail" and w.plan.source_type == "jpeg":
         return _load_jpeg_shrunk(w.data, header.width, header.height, *w.stored)
     if how == "thumbnail":
@@ -202,7 +194,16 @@ def orient(w: Work) -> pyvips.Image:
 
 
 def colour(w: Work) -> pyvips.Image:
-    return _to_srgb(w.image)
+    image = w.image
+    if image.get_typeof("icc-profile-data") and not _is_srgb_profile(image.get("icc-profile-data")):
+        # a broken profile: fall back to libvips' own conversion below
+        with contextlib.suppress(pyvips.Error):
+            image = image.icc_transform("srgb", embedded=True, intent="relative")
+    if image.interpretation != "srgb":
+        image = image.colourspace("srgb")
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    return image
 
 
 def black_and_white(w: Work) -> pyvips.Image:
@@ -222,8 +223,22 @@ def flatten(w: Work) -> pyvips.Image:
 
 
 def encode(w: Work) -> pyvips.Image:
-    w.output = _encode(w.image, w.plan.format, w.plan.encode)
-    return w.image
+    image, fmt, o = w.image, w.plan.format, w.plan.encode
+    if fmt == "jpeg":
+        w.output = image.jpegsave_buffer(
+            Q=max(1, o.jpeg_quality), optimize_coding=True, keep=_KEEP_NONE
+        )
+    elif fmt == "webp":
+        w.output = image.webpsave_buffer(
+            Q=o.webp_quality, effort=o.webp_effort, lossless=o.webp_lossless, keep=_KEEP_NONE
+        )
+    elif fmt == "avif":
+        w.output = image.heifsave_buffer(
+            Q=max(1, o.avif_quality), effort=o.avif_effort, keep=_KEEP_NONE, **_AVIF
+        )
+    else:
+        w.output = image.pngsave_buffer(compression=o.png_compression, keep=_KEEP_NONE)
+    return image
 
 
 STEPS: tuple[Step, ...] = (
@@ -244,11 +259,8 @@ STEPS: tuple[Step, ...] = (
 def _load_jpeg_shrunk(data: bytes, width: int, height: int, w: int, h: int) -> pyvips.Image:
     """Decode at the largest DCT shrink (1/8, 1/4, 1/2) that still covers the output size:
     the decoder skips most of the work, and Lanczos3 does the rest."""
-    shrink = 1
-    for s in _JPEG_SHRINKS:
-        if math.ceil(width / s) >= w and math.ceil(height / s) >= h:
-            shrink = s
-            break
+    fits = (s for s in _JPEG_SHRINKS if math.ceil(width / s) >= w and math.ceil(height / s) >= h)
+    shrink = next(fits, 1)
     image = pyvips.Image.new_from_buffer(
         data, "", shrink=shrink, fail_on="truncated", access="sequential"
     )
@@ -298,39 +310,3 @@ def _is_srgb_profile(profile: bytes) -> bool:
     lcms transform (+2.5 ms at 400 px, +6-11 % of a W2/W5 render), so it is skipped."""
     desc = _icc_description(profile)
     return desc in _SRGB_DESCRIPTIONS or desc.startswith("sRGB IEC61966-2")
-
-
-def _to_srgb(image: pyvips.Image) -> pyvips.Image:
-    if image.get_typeof("icc-profile-data") and not _is_srgb_profile(image.get("icc-profile-data")):
-        # a broken profile: fall back to libvips' own conversion below
-        with contextlib.suppress(pyvips.Error):
-            image = image.icc_transform("srgb", embedded=True, intent="relative")
-    if image.interpretation != "srgb":
-        image = image.colourspace("srgb")
-    if image.format != "uchar":
-        image = image.cast("uchar")
-    return image
-
-
-def _encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes:
-    data: bytes
-    if fmt == "jpeg":
-        data = image.jpegsave_buffer(
-            Q=max(1, o.jpeg_quality), optimize_coding=True, keep=_KEEP_NONE
-        )
-    elif fmt == "webp":
-        data = image.webpsave_buffer(
-            Q=o.webp_quality, effort=o.webp_effort, lossless=o.webp_lossless, keep=_KEEP_NONE
-        )
-    elif fmt == "avif":
-        data = image.heifsave_buffer(
-            Q=max(1, o.avif_quality),
-            effort=o.avif_effort,
-            compression="av1",
-            encoder="aom",
-            bitdepth=8,
-            keep=_KEEP_NONE,
-        )
-    else:
-        data = image.pngsave_buffer(compression=o.png_compression, keep=_KEEP_NONE)
-    return data
