@@ -43,6 +43,8 @@ import tempfile
 import time
 import urllib.request
 
+from _util import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WORK = os.environ.get("IMGPROXY_BENCH_DIR", "/tmp/imgproxy-bench")
@@ -205,12 +207,6 @@ def quiesce(max_wait: float = 60.0, threshold: float = 0.15) -> float:
 
 
 # -- servers -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 60) -> bool:

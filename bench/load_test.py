@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,7 @@ from pathlib import Path
 
 import httpx
 import pyvips
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _util import free_port
 
 
 def make_corpus(root: Path, width: int, height: int) -> Path:
