@@ -172,6 +172,7 @@ class Server:
     port: int
     client: httpx.Client = field(init=False)
     app: Sanic | None = None
+    output: list[str] = field(default_factory=list)  # a subprocess server's log lines so far
 
     def __post_init__(self) -> None:
         self.client = httpx.Client(base_url=self.url, timeout=60)
@@ -280,11 +281,15 @@ def subprocess_server(
         start_new_session=True,  # Sanic SIGKILLs its own process group on some failures
     )
     server = Server(port)
+    # Drain its output as it comes (a full pipe would block the server's logging).
+    reader = threading.Thread(target=_drain, args=(proc, server.output), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
+                reader.join(10)
+                out = "".join(server.output)
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
             try:
                 if server.client.get("/health", timeout=1).status_code == 200:
@@ -298,6 +303,15 @@ def subprocess_server(
     finally:
         server.client.close()
         stop_process_group(proc)
+        reader.join(10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def _drain(proc: subprocess.Popen[bytes], lines: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.decode("utf-8", "replace"))
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 15) -> None:
@@ -312,3 +326,19 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 15) -> None
             proc.wait(5)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers (Sanic's SyncManager child)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (by PPid from /proc/*/stat: no CONFIG_PROC_CHILDREN needed)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    pids = [pid]
+    for p in pids:
+        pids.extend(c for c, parent in parents.items() if parent == p and c not in pids)
+    return pids

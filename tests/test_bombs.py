@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from conftest import Server, app_server, make_settings, png_bomb, subprocess_server
+from conftest import (
+    Server,
+    app_server,
+    make_settings,
+    png_bomb,
+    process_tree,
+    subprocess_server,
+)
 
 KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 MiB = 1024 * 1024
@@ -163,22 +170,6 @@ def test_pixel_limit_is_configurable(bomb_root: Path) -> None:
         assert s.get("/good.jpg?size=50").status == 200  # the limit is inclusive
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (by PPid from /proc/*/stat: no CONFIG_PROC_CHILDREN needed)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
-    pids = [pid]
-    for p in pids:
-        pids.extend(c for c, parent in parents.items() if parent == p and c not in pids)
-    return pids
-
-
 def _status_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -194,12 +185,12 @@ def test_bombs_use_bounded_memory(bomb_root: Path) -> None:
     env = {"IMAGE_PROXY_ROOT_PATH": str(bomb_root), "IMAGE_PROXY_WORKERS": "1"}
     with subprocess_server(env) as (server, proc):
         assert server.get("/good.jpg?size=50").status == 200  # warm up: libvips loaded
-        before = {p: _status_kb(p, "VmHWM") for p in _tree(proc.pid)}
+        before = {p: _status_kb(p, "VmHWM") for p in process_tree(proc.pid)}
         for _ in range(3):
             for name in BOMBS:
                 for query in ("?size=100", "?format=avif"):
                     assert server.get(f"/{name}{query}").status == 422, name
-        after = {p: _status_kb(p, "VmHWM") for p in _tree(proc.pid)}
+        after = {p: _status_kb(p, "VmHWM") for p in process_tree(proc.pid)}
     assert len(after) >= 2  # the main process and its worker
     for pid, peak_kb in after.items():
         assert peak_kb < 300 * 1024, (pid, peak_kb)
