@@ -49,17 +49,22 @@ def prepare_metrics_dir() -> str | None:
     return created
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Run the server until it stops; the exit status: 1 when it stopped on a crash loop."""
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
     from .app import create_app
+    from .workers import crash_looped, start_watchdog
 
     loader = AppLoader(factory=partial(create_app, settings))
     app = loader.load()
     host, port = settings.server.bind
     app.prepare(host=host, port=port, workers=settings.server.workers)
+    # Here, not in create_app: `sanic --dev` reloads dead workers itself, on the next edit.
+    app.register_listener(start_watchdog, "main_process_ready")
     Sanic.serve(primary=app, app_loader=loader)
+    return 1 if crash_looped(app) else 0
 
 
 def python_mismatch() -> str | None:
@@ -106,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VIPS_WARNING", "0")  # libvips' stderr noise on bad input
     created = prepare_metrics_dir()
     try:
-        serve(settings)
+        return serve(settings)
     finally:
         if created:
             shutil.rmtree(created, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

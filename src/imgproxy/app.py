@@ -72,6 +72,9 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     configure_logging(settings.server.log_level)
     app = Sanic("imgproxy", config=Config(defaults=SANIC_DEFAULTS), request_class=ImgRequest)
     app.ctx.settings = settings
+    # (worker index, pid) -> None, run in the main process when a worker died (workers.py):
+    # main_process_start listeners add theirs, e.g. to return what the dead worker held.
+    app.ctx.on_worker_death = []
     if settings.server.log_level == "DEBUG" and "SANIC_ACCESS_LOG" not in os.environ:
         app.config.ACCESS_LOG = True  # RUST_LOG=DEBUG: one line per request, as the original
     app.add_route(health, "/health", methods=["GET", "HEAD"])

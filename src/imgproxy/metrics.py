@@ -114,8 +114,22 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class MainMetrics:
+    """The main process's own metrics (its worker watchdog). In multiprocess mode they go to
+    the main process's own files, which every worker's scrape sums with the others."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.worker_restarts = Counter(
+            "image_worker_restarts",
+            "Workers that died (killed, crashed) and were started again",
+            registry=self.registry,
+        )
+
+
 def mark_process_dead(pid: int) -> None:
-    """Drop this worker's live gauges (in-flight, queue) from the multiprocess sum."""
+    """Drop a worker's live gauges (in-flight, queue) from the multiprocess sum: its own at
+    exit, or a dead one's from the main process."""
     if multiprocess_dir():
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
