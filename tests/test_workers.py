@@ -92,10 +92,14 @@ class Poller(threading.Thread):
 
 
 def test_killed_worker_is_replaced(images: Path, tmp_path: Path) -> None:
+    """SIGKILL a worker that holds requests, under a light polling load: a new pid serves
+    within 10 s, nothing sent after the kill fails, one WARNING line, /metrics right."""
     prom = tmp_path / "prom"
     with subprocess_server(env_for(images, tmp_path, workers=2)) as (server, proc):
         before = workers(proc.pid)
         assert len(before) == 2, before
+        samples = raw_request(server.port, "/metrics").text
+        assert "\nimage_worker_restarts_total 0.0\n" in samples  # there before any death
         poller = Poller(server.port)
         poller.start()
 
@@ -144,12 +148,10 @@ def test_killed_worker_is_replaced(images: Path, tmp_path: Path) -> None:
         after_kill = [r for started, r in poller.results if started > killed_at + 0.5]
         assert after_kill, "the poller sent nothing after the kill"
         assert set(after_kill) == {"200"}, [r for r in after_kill if r != "200"]
-        assert [
-            r for r in slow if r.isdigit() and r != "200"
-        ] == []  # failures are lost connections
-        assert set(workers(proc.pid).values()) == {
-            before[n] for n in before if n != victim_name
-        } | {replacement}
+        answered = [r for r in slow if r.isdigit()]
+        assert set(answered) <= {"200"}, slow  # the others lost their connection with the victim
+        survivors = {p for n, p in before.items() if n != victim_name}
+        assert set(workers(proc.pid).values()) == survivors | {replacement}
 
         for _ in range(4):  # whichever worker answers the scrape
             samples = raw_request(server.port, "/metrics").text
