@@ -1,46 +1,25 @@
-"""Where source bytes come from: the local root, then (optionally) the fallback origin.
+"""The fallback origin: `{base}{relative path}` fetched safely, and not again and again.
 
-    LocalSource   root confinement after resolving symlinks; stat gives the identity
-    HttpSource    owns the httpx client (one per worker); total-time bound, bounded and
-                  re-checked redirects, identity encoding, streamed body capped at max_size;
-                  remembers recent bodies with the origin's validators and revalidates them
-                  with a conditional GET (a 304 costs no body)
-
-Sources return facts (`Located`: a `LocalFile` or a `Fetched` body); `service` chains them
-(local, then the origin when the file is missing) and decides what the facts mean for the
-response and the metrics.
+One httpx client per worker; total-time bound; bounded redirects, each re-checked against the
+base; identity encoding; the streamed body capped at max_size; recent bodies remembered with
+the origin's validators and revalidated with a conditional GET (a 304 costs no body).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import stat
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import quote
 
-import aiofiles
 import httpx
 
-from .config import Fallback
-from .errors import NotFound, UnprocessableImage, UpstreamError, UpstreamTimeout
-from .httpdates import parse_date
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFile:
-    """A regular file under the root, as stat saw it."""
-
-    origin: ClassVar[str] = "local"
-    path: str  # resolved real path
-    size: int
-    mtime: float  # seconds since the epoch, for Last-Modified
-    identity: str  # changes whenever the bytes change (size + mtime in ns)
+from ..config import Fallback
+from ..errors import NotFound, UpstreamError, UpstreamTimeout
+from ..httpdates import parse_date
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,130 +36,6 @@ class Fetched:
     @property
     def size(self) -> int:
         return len(self.data)
-
-
-Located = LocalFile | Fetched
-
-
-class LocalSource:
-    RESOLVE_TTL = 1.0  # seconds a resolved (realpath'd) path is reused
-    RESOLVE_MAX = 10_000  # entries kept before the memo is cleared
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.realpath(root)
-        self._prefix = self.root.rstrip(os.sep) + os.sep
-        # rel -> (real path, expiry, (st_dev, st_ino) of the file it led to)
-        self._resolved: dict[str, tuple[str, float, tuple[int, int]]] = {}
-
-    def resolve(self, rel: str) -> str:
-        """The real path of `rel`, which must stay under the root; NotFound otherwise.
-
-        `rel` is already percent-decoded and segment-checked (params); resolving symlinks
-        *after* decoding and *then* comparing against the real root is what makes a symlink
-        (or a decoded `..`) unable to escape: the check sees the path the kernel will open.
-        """
-        full = os.path.realpath(os.path.join(self.root, rel))
-        if not full.startswith(self._prefix):
-            raise NotFound()
-        return full
-
-    def locate(self, rel: str) -> LocalFile:
-        """Stat `rel` under the root; NotFound if missing, not a file, or outside the root.
-
-        realpath costs ~20 µs (an lstat per component), so its answer is memoised for a
-        second, together with the identity (device, inode) of the file it led to. A memoised
-        path is only trusted while it still leads to that same file: a file or a directory
-        on the way swapped for a symlink (or a file replaced) makes it resolve afresh.
-        """
-        now = time.monotonic()
-        hit = self._resolved.get(rel)
-        if hit is not None and hit[1] > now:
-            st = self._lstat(hit[0])
-            if (st.st_dev, st.st_ino) == hit[2]:
-                return self._located(hit[0], st)
-        full = self.resolve(rel)
-        st = self._lstat(full)
-        if len(self._resolved) >= self.RESOLVE_MAX:
-            self._resolved.clear()
-        self._resolved[rel] = (full, now + self.RESOLVE_TTL, (st.st_dev, st.st_ino))
-        return self._located(full, st)
-
-    @staticmethod
-    def _lstat(full: str) -> os.stat_result:
-        try:
-            # lstat: a resolved path has no symlinks; if its last component is one now, the
-            # file was swapped for a link since: refuse it (read_file opens with O_NOFOLLOW).
-            st = os.lstat(full)
-        except (OSError, ValueError):
-            raise NotFound() from None
-        if not stat.S_ISREG(st.st_mode):
-            raise NotFound()
-        return st
-
-    @staticmethod
-    def _located(full: str, st: os.stat_result) -> LocalFile:
-        return LocalFile(full, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")
-
-
-def _open_nofollow(path: str, flags: int = os.O_RDONLY) -> int:
-    # O_NOFOLLOW: `path` is a resolved real path; a symlink there now is a swap (ELOOP)
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-
-def read_file(path: str, limit: int | None = None) -> bytes:
-    """Blocking read of a file, or of its first `limit` bytes (small, page-cached files:
-    faster than any async hop)."""
-    try:
-        with open(_open_nofollow(path), "rb") as f:
-            return f.read() if limit is None else f.read(limit)
-    except OSError:
-        raise NotFound() from None
-
-
-def read_capped(path: str, cap: int) -> bytes:
-    """The whole file, but never more than `cap` bytes: a file that grew past the size
-    checked at stat time is refused (422) instead of being read in full."""
-    data = read_file(path, cap + 1)
-    if len(data) > cap:
-        raise UnprocessableImage("image file too large")
-    return data
-
-
-class OpenFile:
-    """A large file opened *before* the response starts: its length comes from the open
-    descriptor, so a file deleted, swapped or resized meanwhile cannot break the response
-    or its Content-Length (we send exactly `size` bytes of the file we opened)."""
-
-    CHUNK = 256 * 1024
-
-    def __init__(self, path: str) -> None:
-        try:
-            self._fd = _open_nofollow(path)
-            st = os.fstat(self._fd)
-        except OSError:
-            raise NotFound() from None
-        if not stat.S_ISREG(st.st_mode):
-            os.close(self._fd)
-            raise NotFound()
-        self.size = st.st_size
-        self.head = os.pread(self._fd, 64, 0)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Async chunks of exactly `size` bytes (aiofiles keeps reads off the event loop);
-        a file truncated meanwhile ends early and the connection says so."""
-        left = self.size
-        async with aiofiles.open(self._fd, "rb", closefd=False) as f:
-            while left > 0:
-                chunk = await f.read(min(self.CHUNK, left))
-                if not chunk:
-                    raise OSError("file shrank while it was sent")
-                left -= len(chunk)
-                yield chunk
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 @dataclass(slots=True)
