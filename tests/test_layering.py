@@ -21,6 +21,7 @@ OWNERS = {
 # DESIGN.md: __main__ -> app -> service -> {leaves} -> config -> errors. Leaves never import
 # each other sideways: they return facts and `service` combines them.
 LEAVES = {
+    "negotiate",
     "params",
     "sources",
     "sniff",
