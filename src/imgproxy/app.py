@@ -149,7 +149,8 @@ _LABEL_FORMATS = frozenset(FORMAT_ALIASES)  # avif jpeg jpg png webp, spelled as
 
 def _format_label(path: str, asked: str | None) -> str:
     """`format` of image_requests_total, as the original: the `format` parameter lowercased
-    (`jpg` stays `jpg`), else the file's extension lowercased, `unknown` without one. Values
+    (`jpg` stays `jpg`) or the negotiated format, else the file's extension lowercased,
+    `unknown` without one. Values
     outside the five names become `other`, so a client cannot mint label values."""
     if asked:
         value = asked.lower()
@@ -168,15 +169,20 @@ async def image(request: Request, path: str) -> HTTPResponse:
     service.metrics.in_flight.inc()
     reply: Reply | None = None
     kind = "other"
+    negotiated: str | None = None
     try:
         spec = params.parse(request.path, request.query_string, request.headers, settings)
         cond = Conditional.from_headers(request.headers)
+        located = None
+        if settings.images.preferred_formats and spec.format is None:
+            accept = ",".join(request.headers.getall("accept", ()))  # RFC 9110: lines join
+            spec, located, negotiated = await service.negotiate(spec, accept)
         if spec.is_passthrough:
             kind = "passthrough"
-            reply = await service.passthrough(spec, cond)
+            reply = await service.passthrough(spec, cond, located)
         else:
             kind = "transform"
-            reply = await service.transform(spec, cond)
+            reply = await service.transform(spec, cond, located)
         response = await _respond(request, reply, settings)
         status = reply.status
     except ImgProxyError as exc:
@@ -188,7 +194,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
         reply.size if reply is not None and reply.status == 200 and request.method == "GET" else 0
     )
     service.observe(
-        _format_label(path, request.args.get("format")),
+        _format_label(path, negotiated or request.args.get("format")),
         status_label(status),
         kind,
         time.perf_counter() - started,
@@ -198,13 +204,16 @@ async def image(request: Request, path: str) -> HTTPResponse:
 
 
 async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
-    headers: dict[str, str] = {"Vary": "Sec-CH-DPR", "ETag": reply.etag}
-    if settings.images.cache_control:
-        headers["Cache-Control"] = settings.images.cache_control
+    images = settings.images
+    # negotiation on: the same URL answers differently per Accept, and caches must know
+    vary = "Accept, Sec-CH-DPR" if images.preferred_formats else "Sec-CH-DPR"
+    headers: dict[str, str] = {"Vary": vary, "ETag": reply.etag}
+    if images.cache_control:
+        headers["Cache-Control"] = images.cache_control
     if reply.last_modified is not None:
         headers["Last-Modified"] = format_date(int(reply.last_modified))
-    if reply.x_cache:
-        headers["X-Cache"] = reply.x_cache
+    if reply.x_cache and images.cache_status_header:
+        headers[images.cache_status_header] = reply.x_cache
     if reply.status == 304:
         return HTTPResponse(status=304, headers=headers)
     if reply.stream is None:

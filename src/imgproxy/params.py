@@ -152,6 +152,8 @@ def parse(
         fmt = FORMAT_ALIASES.get(fmt.lower())
         if fmt is None:
             raise BadRequest("invalid format (allowed avif, jpeg, jpg, png, webp)")
+        if fmt not in settings.images.allowed_output_formats:
+            raise UnsupportedMediaType(f"output format {fmt} is not allowed here")
 
     size: int | None = None
     raw_size = _one(args, "size")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from . import sniff, transform
+from . import negotiate, sniff, transform
 from .cache import Entry, MemoryTier, TieredCache
 from .config import Settings
 from .errors import (
@@ -86,6 +86,7 @@ class ImageService:
         self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
         # passthrough bytes of small local files, validated by (size, mtime) on every request
         self.files = MemoryTier(settings.cache.passthrough_size, SMALL_FILE)
+        self._probes: dict[str, sniff.Probe | None] = {}  # path + identity -> header facts
 
     # -- sources -------------------------------------------------------------------------
 
@@ -115,12 +116,55 @@ class ImageService:
             return UpstreamError("fallback origin did not send a supported image")
         return UnsupportedMediaType("not a supported image")
 
+    # -- format negotiation --------------------------------------------------------------
+
+    async def negotiate(
+        self, spec: TransformSpec, accept: str | None
+    ) -> tuple[TransformSpec, Located | None, str | None]:
+        """SPEC "Format negotiation", for a request without `format`: (the spec to serve,
+        the source if it had to be located (pass it on: never look it up twice), the chosen
+        format or None). The source's type and alpha come from its header bytes, never a
+        decode; a chosen format equal to the source's own changes nothing, so a request
+        without transform parameters stays a passthrough."""
+        images = self.settings.images
+        candidates = negotiate.acceptable(
+            accept, images.preferred_formats, images.allowed_output_formats
+        )
+        if not candidates:  # `*/*`, no Accept...: nothing to learn from the source
+            return spec, None, None
+        located = await self.locate(spec.path)
+        probe = self._probe(located)
+        if probe is None:  # not an image: passthrough/transform give the usual 415/502
+            return spec, located, None
+        chosen = negotiate.pick(candidates, probe.has_alpha)
+        if chosen is None or chosen == probe.kind:
+            return spec, located, chosen
+        return replace(spec, transform=True, format=chosen), located, chosen
+
+    def _probe(self, located: Located) -> sniff.Probe | None:
+        if isinstance(located, Fetched):  # a fallback body, already in memory
+            return sniff.probe(located.data[: sniff.PROBE_BYTES])
+        key = f"{located.path}\x00{located.identity}"  # a changed file has a new identity
+        try:
+            return self._probes[key]
+        except KeyError:
+            pass
+        if len(self._probes) >= 10_000:
+            self._probes.clear()
+        # the first 4 KB of a page-cached file, inline: cheaper than a thread hop
+        probe = self._probes[key] = sniff.probe(read_file(located.path, sniff.PROBE_BYTES))
+        return probe
+
     # -- passthrough ---------------------------------------------------------------------
 
-    async def passthrough(self, spec: TransformSpec, cond: Conditional) -> Reply:
+    async def passthrough(
+        self, spec: TransformSpec, cond: Conditional, located: Located | None = None
+    ) -> Reply:
         """The original bytes. The sniff runs before the conditional headers are read: a
-        304 is only given where the request would otherwise be a 200."""
-        located = await self.locate(spec.path)
+        304 is only given where the request would otherwise be a 200. `located`: the source
+        when negotiation already looked it up."""
+        if located is None:
+            located = await self.locate(spec.path)
         etag = f'"{located.identity}"'
         reply = Reply(200, "", etag, located.mtime)
         if isinstance(located, Fetched):
@@ -169,8 +213,11 @@ class ImageService:
 
     # -- transform -----------------------------------------------------------------------
 
-    async def transform(self, spec: TransformSpec, cond: Conditional) -> Reply:
-        located = await self.locate(spec.path)
+    async def transform(
+        self, spec: TransformSpec, cond: Conditional, located: Located | None = None
+    ) -> Reply:
+        if located is None:  # else negotiation already looked it up
+            located = await self.locate(spec.path)
         key = spec.cache_key(located.identity)
         etag = f'"{key[:40]}"'
         if cond:
