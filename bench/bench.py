@@ -30,6 +30,7 @@ Everything bulky lives in /tmp/imgproxy-bench (corpus, paths, logs). Needs `wrk`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -101,6 +102,26 @@ CACHE_WORKLOADS = {
     ),
 }
 SLOW = {"W4": 3}  # duration multiplier (AVIF: few requests per second)
+
+# Format negotiation (IMAGE_PROXY_PREFERRED_FORMATS): the browsers' real `<img>` Accept strings
+CHROME_ACCEPT = "image/jxl,image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+FIREFOX_OLD_ACCEPT = "image/webp,*/*"
+NEGOTIATE_ENV = {"IMAGE_PROXY_ENABLE_CACHE": "true", "IMAGE_PROXY_PREFERRED_FORMATS": "avif,webp"}
+NEGOTIATED_WORKLOADS = {
+    # id -> (template, extra env, request headers, description); cache on: the hit path
+    "W6-neg-avif": (
+        "/photo-1200.jpg?size=400",
+        NEGOTIATE_ENV,
+        {"Accept": CHROME_ACCEPT},
+        "W6 without format, Chrome's Accept -> AVIF, memory-tier hit",
+    ),
+    "W6-neg-webp": (
+        "/photo-1200.jpg?size=400",
+        NEGOTIATE_ENV,
+        {"Accept": FIREFOX_OLD_ACCEPT},
+        "W6 without format, old Firefox's Accept -> WebP, memory-tier hit",
+    ),
+}
 
 
 # -- corpus ------------------------------------------------------------------------------
@@ -332,9 +353,17 @@ def paths_file(template: str) -> str:
     return name
 
 
-def wrk(port: int, paths: str, duration: float, conc: int = 8, threads: int = 2) -> dict:
+def wrk(
+    port: int,
+    paths: str,
+    duration: float,
+    conc: int = 8,
+    threads: int = 2,
+    headers: dict[str, str] | None = None,
+) -> dict:
     cmd = [
         "wrk", f"-t{threads}", f"-c{conc}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
+        *(a for k, v in (headers or {}).items() for a in ("-H", f"{k}: {v}")),
         "-s", LUA, f"http://127.0.0.1:{port}", "--", paths,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120).stdout
@@ -348,9 +377,10 @@ def wrk(port: int, paths: str, duration: float, conc: int = 8, threads: int = 2)
     raise RuntimeError(f"wrk gave no summary:\n{out}")
 
 
-def check(port: int, path: str) -> str:
+def check(port: int, path: str, headers: dict[str, str] | None = None) -> str:
     """One request: status, sniffed format, pixel size (visible rather than silently fast)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=120) as resp:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=120) as resp:
         body = resp.read()
         status = resp.status
     try:
@@ -377,20 +407,27 @@ def renders(port: int) -> float | None:
     )
 
 
-def measure(port: int, pgid: int | None, template: str, duration: float, warmup: float) -> dict:
+def measure(
+    port: int,
+    pgid: int | None,
+    template: str,
+    duration: float,
+    warmup: float,
+    headers: dict[str, str] | None = None,
+) -> dict:
     paths = paths_file(template)
     try:
         first = template.format(size=SIZES[0])
-        result: dict = {"check": check(port, first)}
+        result: dict = {"check": check(port, first, headers)}
         if warmup > 0:
-            wrk(port, paths, warmup)
+            wrk(port, paths, warmup, headers=headers)
         quiesce()
         tck = os.sysconf("SC_CLK_TCK")
         t0 = group_ticks(pgid) if pgid else 0
         n0 = renders(port) if pgid else None
         b0, c0 = busy_ticks(), resource.getrusage(resource.RUSAGE_CHILDREN)
         w0 = time.monotonic()
-        r = wrk(port, paths, duration)
+        r = wrk(port, paths, duration, headers=headers)
         wall = time.monotonic() - w0
         n1 = renders(port) if n0 is not None else None
         if n0 is not None and n1 is not None and r["requests"]:
@@ -457,6 +494,112 @@ def idle_single(port: int, template: str, n: int) -> dict:
         lat.append((time.perf_counter() - t0) * 1000)
     lat.sort()
     return {"n": n, "median_ms": lat[len(lat) // 2], "min_ms": lat[0], "max_ms": lat[-1]}
+
+
+# -- negotiation overhead ----------------------------------------------------------------
+
+
+def negotiation_overhead(corpus: str, env_extra: dict[str, str], window: float, pairs: int) -> dict:
+    """Per-request cost of format negotiation on a cache hit. One server (cache on,
+    `IMAGE_PROXY_PREFERRED_FORMATS=avif,webp`), one cache entry, asked for in alternating wrk
+    windows `neg explicit explicit neg ...` (ABBA: a linear drift of the VM hits both alike):
+      neg       /photo-1200.jpg?size=400              Chrome's Accept -> negotiated AVIF
+      explicit  /photo-1200.jpg?size=400&format=avif  the same Accept, no negotiation
+    Reported: req/s and server CPU per request (process-group ticks / requests) of each, and
+    neg/explicit ratios (the target: negotiation costs < 5 %)."""
+    urls = {"neg": "/photo-1200.jpg?size=400", "explicit": "/photo-1200.jpg?size=400&format=avif"}
+    hdr = {"Accept": CHROME_ACCEPT}
+    port = free_port()
+    env = {**NEGOTIATE_ENV, **env_extra}
+    files = {k: paths_file(u) for k, u in urls.items()}
+    windows: dict[str, list[dict]] = {k: [] for k in urls}
+    out: dict = {"window_s": window, "pairs": pairs, "urls": urls}
+    try:
+        with Server(corpus, env, os.path.join(WORK, "server-neg.log"), port) as srv:
+            seen: dict[str, tuple] = {}
+            for k, u in urls.items():  # the first requests render (per worker); then hits
+                check(port, u, hdr)
+                for _ in range(8):
+                    req = urllib.request.Request(f"http://127.0.0.1:{port}{u}", headers=hdr)
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        ctype, body = resp.headers.get("Content-Type"), resp.read()
+                        hit = seen.get(k, (0, 0, 0))[1] or resp.headers.get("X-Cache") == "HIT"
+                        seen[k] = (ctype, hit, hashlib.sha256(body).hexdigest())
+            out["check"] = {k: f"{v[0]} hit={v[1]}" for k, v in seen.items()}
+            out["same_entry"] = seen["neg"] == seen["explicit"] and seen["neg"][1]
+            for k in urls:
+                wrk(port, files[k], 2, headers=hdr)  # warm-up, discarded
+            quiesce(max_wait=20)
+            tck = os.sysconf("SC_CLK_TCK")
+            order = [k for _ in range(pairs) for k in ("neg", "explicit", "explicit", "neg")]
+            for k in order:
+                t0 = group_ticks(srv.pgid)
+                r = wrk(port, files[k], window, headers=hdr)
+                ticks = group_ticks(srv.pgid) - t0
+                windows[k].append(
+                    {
+                        "rps": r["rps"],
+                        "cpu_us": ticks / tck / max(1, r["requests"]) * 1e6,
+                        "p50": r["lat_p50_us"] / 1000,
+                        "bad": r["errors"] + r["non2xx"],
+                    }
+                )
+    finally:
+        for f in files.values():
+            os.unlink(f)
+    for k, ws in windows.items():
+        out[k] = {
+            "rps": sum(w["rps"] for w in ws) / len(ws),
+            "cpu_us": sum(w["cpu_us"] for w in ws) / len(ws),
+            "p50": sorted(w["p50"] for w in ws)[len(ws) // 2],
+            "windows": [round(w["rps"]) for w in ws],
+        }
+    out["errors"] = sum(w["bad"] for ws in windows.values() for w in ws)
+    out["rps_ratio"] = out["neg"]["rps"] / out["explicit"]["rps"]
+    out["cpu_ratio"] = out["neg"]["cpu_us"] / out["explicit"]["cpu_us"]
+    return out
+
+
+_NEG_MICRO = """
+import asyncio, json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from imgproxy import params
+from imgproxy.config import Settings
+from imgproxy.metrics import Metrics
+from imgproxy.service import ImageService
+s = Settings.from_env({"IMAGE_PROXY_ROOT_PATH": sys.argv[1],
+                       "IMAGE_PROXY_PREFERRED_FORMATS": "avif,webp"})
+async def main():
+    svc = ImageService(s, Metrics(), ThreadPoolExecutor(1), ThreadPoolExecutor(1))
+    spec = params.parse("/photo-1200.jpg", "size=400", {}, s)
+    fns = {"negotiate": lambda: svc.negotiate(spec, sys.argv[2]),
+           "locate": lambda: svc.locate(spec.path)}
+    best = dict.fromkeys(fns, 1e9)
+    for _ in range(15):  # interleaved rounds; the minimum is the least disturbed
+        for k, f in fns.items():
+            n, t = 20000, time.perf_counter()
+            for _ in range(n):
+                await f()
+            best[k] = min(best[k], (time.perf_counter() - t) / n * 1e6)
+    print(json.dumps(best))
+asyncio.run(main())
+"""
+
+
+def negotiation_micro(corpus: str) -> dict:
+    """In-process cost of `ImageService.negotiate()` (Accept memo, header probe memo, spec
+    memo) beyond the `locate()` it passes on (which the explicit request does anyway)."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=tempfile.mkdtemp(prefix="prom-", dir=WORK))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _NEG_MICRO, corpus, CHROME_ACCEPT],
+            env=env, capture_output=True, text=True, check=True, timeout=600,
+        ).stdout  # fmt: skip
+    finally:
+        shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    r = json.loads(out)
+    r["extra_us"] = r["negotiate"] - r["locate"]
+    return r
 
 
 # -- floors (in-process, no HTTP) --------------------------------------------------------
@@ -533,7 +676,10 @@ def main() -> int:
     )
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per workload")
     ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--only", help="comma list of W1,W2,W3,W4,W5,W7,cache (default: all)")
+    ap.add_argument("--only", help="comma list of W1,W2,W3,W4,W5,W7,cache,neg (default: all)")
+    ap.add_argument(
+        "--neg-pairs", type=int, default=3, help="ABBA blocks of the negotiation overhead run"
+    )
     ap.add_argument("--quick", action="store_true", help="3 s per workload, 1 s warm-up")
     ap.add_argument("--smoke", action="store_true", help="1 s, W1 + W5 only: CI liveness check")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for our server")
@@ -556,8 +702,8 @@ def main() -> int:
     os.makedirs(WORK, exist_ok=True)
     ensure_corpus(a.corpus)
     env_extra = dict(e.partition("=")[::2] for e in a.env)
-    only = a.only.split(",") if a.only else [*WORKLOADS, "cache"]
-    results: dict = {"settings": vars(a), "rows": {}, "cache": {}}
+    only = a.only.split(",") if a.only else [*WORKLOADS, "cache", "neg"]
+    results: dict = {"settings": vars(a), "rows": {}, "cache": {}, "neg": {}}
     rows, cache = results["rows"], results["cache"]
 
     pool = None
@@ -602,6 +748,11 @@ def main() -> int:
                     cache[cid] = measure(port, srv.pgid, template, a.duration, a.warmup)
                 if "IMAGE_PROXY_CACHE_DISK_PATH" in env:
                     shutil.rmtree(env["IMAGE_PROXY_CACHE_DISK_PATH"], ignore_errors=True)
+            for cid, (template, env, hdrs, _desc) in NEGOTIATED_WORKLOADS.items():
+                port = free_port()
+                log = os.path.join(WORK, f"server-{cid}.log")
+                with Server(a.corpus, {**env, **env_extra}, log, port) as srv:
+                    cache[cid] = measure(port, srv.pgid, template, a.duration, a.warmup, hdrs)
             if not a.no_nginx and shutil.which("nginx"):
                 port = free_port()
                 ng = Nginx(a.corpus, port)
@@ -609,6 +760,10 @@ def main() -> int:
                     cache["nginx-W1"] = measure(port, ng.pgid, WORKLOADS["W1"][0], a.duration, 1)
                 finally:
                     ng.stop()
+        if "neg" in only:
+            window = max(1.0, a.duration / 2)
+            results["neg"] = negotiation_overhead(a.corpus, env_extra, window, a.neg_pairs)
+            results["neg"]["micro"] = negotiation_micro(a.corpus)
     finally:
         if pool is not None:
             pool.terminate()
@@ -619,6 +774,8 @@ def main() -> int:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
     bad = [k for k, r in {**rows, **cache}.items() if r["errors"] or r["non2xx"]]
+    if results["neg"] and (results["neg"]["errors"] or not results["neg"]["same_entry"]):
+        bad.append("neg")
     if bad:
         print(f"errors or non-2xx in: {', '.join(bad)}", file=sys.stderr)
     return 1 if bad else 0
@@ -687,6 +844,33 @@ def report(results: dict) -> None:
                 if base
                 else f"| {cid} | {r['rps']:.0f} |"
             )
+
+    neg = results.get("neg")
+    if neg:
+        print(
+            f"\nnegotiation overhead on a cache hit: one server, one cache entry, Chrome's Accept;"
+            f" {neg['pairs']} ABBA blocks of {neg['window_s']:g} s windows"
+        )
+        print("| request | req/s | p50 ms | srv CPU µs/req | windows req/s |")
+        print("|---|---:|---:|---:|---|")
+        for k in ("neg", "explicit"):
+            r = neg[k]
+            print(
+                f"| {k}: `{neg['urls'][k]}` | {r['rps']:.0f} | {r['p50']:.2f} | {r['cpu_us']:.0f} "
+                f"| {' '.join(map(str, r['windows']))} |"
+            )
+        print(
+            f"neg/explicit: req/s {neg['rps_ratio']:.3f} (overhead {100 * (1 - neg['rps_ratio']):+.1f} %),"
+            f" CPU per request {neg['cpu_ratio']:.3f} ({100 * (neg['cpu_ratio'] - 1):+.1f} %);"
+            f" same cache entry: {neg['same_entry']} ({neg['check']})"
+        )
+        m = neg["micro"]
+        print(
+            f"in-process: negotiate() {m['negotiate']:.1f} µs - locate() {m['locate']:.1f} µs ="
+            f" {m['extra_us']:.1f} µs of negotiation per request ="
+            f" {100 * m['extra_us'] / neg['explicit']['cpu_us']:.1f} % of the explicit request's"
+            " server CPU"
+        )
 
 
 if __name__ == "__main__":

@@ -122,16 +122,28 @@ def _parse(accept: str) -> frozenset[str]:
 
 
 def acceptable(
-    accept: str | None, preferred: Iterable[str], allowed: Iterable[str]
+    accept: str | None, preferred: tuple[str, ...], allowed: frozenset[str]
 ) -> tuple[str, ...]:
     """The preferred formats (in the operator's order) that the client accepts and the
-    operator allows; `()` means negotiation cannot change the output, whatever the source."""
+    operator allows; `()` means negotiation cannot change the output, whatever the source.
+    On the request path: memoised like `accepted` (well under a microsecond on a hit)."""
     if not accept:
         return ()
-    names = accepted(accept)
-    if not names:
-        return ()
-    allowed = frozenset(allowed)
+    if len(accept) <= MEMO_CHARS:
+        return _acceptable(accept, preferred, allowed)
+    return _candidates(accepted(accept), preferred, allowed)
+
+
+@functools.lru_cache(maxsize=256)
+def _acceptable(
+    accept: str, preferred: tuple[str, ...], allowed: frozenset[str]
+) -> tuple[str, ...]:
+    return _candidates(_accepted(accept), preferred, allowed)
+
+
+def _candidates(
+    names: frozenset[str], preferred: tuple[str, ...], allowed: frozenset[str]
+) -> tuple[str, ...]:
     return tuple(f for f in preferred if f in names and f in allowed)
 
 
@@ -146,8 +158,8 @@ def pick(candidates: Iterable[str], has_alpha: bool) -> str | None:
 
 def choose(
     accept: str | None,
-    preferred: Iterable[str],
-    allowed: Iterable[str],
+    preferred: tuple[str, ...],
+    allowed: frozenset[str],
     has_alpha: bool,
 ) -> str | None:
     """The negotiated output format, or None for "the source's own format"."""

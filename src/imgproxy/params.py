@@ -13,10 +13,11 @@ Everything a client controls is validated here, once, before any file is touched
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
@@ -70,6 +71,13 @@ class TransformSpec:
             )
         )
         return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def as_format(spec: TransformSpec, fmt: str) -> TransformSpec:
+    """`spec` as a transform to `fmt` (a negotiated format): what `format=<fmt>` would have
+    parsed to. Memoised: `dataclasses.replace` of a frozen spec costs ~5-7 µs, a hit < 1 µs."""
+    return replace(spec, transform=True, format=fmt)
 
 
 def parse_path(raw_path: str, strip_path: str = "") -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from . import negotiate, sniff, transform
+from . import negotiate, params, sniff, transform
 from .cache import Entry, MemoryTier, TieredCache
 from .config import Settings
 from .errors import (
@@ -139,7 +139,7 @@ class ImageService:
         chosen = negotiate.pick(candidates, probe.has_alpha)
         if chosen is None or chosen == probe.kind:
             return spec, located, chosen
-        return replace(spec, transform=True, format=chosen), located, chosen
+        return params.as_format(spec, chosen), located, chosen
 
     def _probe(self, located: Located) -> sniff.Probe | None:
         if isinstance(located, Fetched):  # a fallback body, already in memory
