@@ -150,8 +150,8 @@ _LABEL_FORMATS = frozenset(FORMAT_ALIASES)  # avif jpeg jpg png webp, spelled as
 def _format_label(path: str, asked: str | None) -> str:
     """`format` of image_requests_total, as the original: the `format` parameter lowercased
     (`jpg` stays `jpg`) or the negotiated format, else the file's extension lowercased,
-    `unknown` without one. Values
-    outside the five names become `other`, so a client cannot mint label values."""
+    `unknown` without one. Values outside the five names become `other`, so a client cannot
+    mint label values."""
     if asked:
         value = asked.lower()
     else:
