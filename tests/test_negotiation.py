@@ -43,6 +43,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     full = (r / "small.jpg").read_bytes()
     (r / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (r / "text.jpg").write_text("not an image")
+    photo(40, 30).gifsave(str(r / "gif-named.png"))
     return r
 
 
@@ -323,3 +324,18 @@ def test_fallback_body_is_negotiated_and_fetched_once(
         status, headers, body = get(s, "/small.jpg", "*/*")  # no probe needed
         assert body == (root / "small.jpg").read_bytes()
         assert len(seen) == 3
+
+
+def test_gif_source_and_huge_accept(on: Server, root: Path) -> None:
+    status, _, body = get(on, "/gif-named.png", CHROME)
+    assert status == 200 and kind(body) == "avif"
+    status, headers, body = get(on, "/gif-named.png", "*/*")
+    assert body == (root / "gif-named.png").read_bytes()
+    assert headers["content-type"] == "image/gif"
+    # past the 4096 characters read, `image/avif` is not seen: no error, the original
+    huge = ",".join(f"application/x-{i}" for i in range(300)) + ",image/avif"
+    assert 4096 < len(huge) < 7000
+    status, _, body = get(on, "/small.jpg", huge)
+    assert status == 200 and body == (root / "small.jpg").read_bytes()
+    status, _, body = get(on, "/small.jpg", "image/webp," + huge)
+    assert status == 200 and kind(body) == "webp"
