@@ -105,6 +105,10 @@ class Metrics:
         self.bytes_served = Counter(
             "image_response_bytes", "Body bytes of image responses", ["kind"], registry=r
         )
+        # incremented by the main process's watchdog when it replaces a dead worker
+        self.worker_restarts = Counter(
+            "image_worker_restarts", "Workers that died and were replaced", registry=r
+        )
 
     def render(self) -> bytes:
         if multiprocess_dir():
