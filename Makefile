@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with Python 3.11 and make:
 #   make run    install into .venv and serve data/images on http://127.0.0.1:8000
-#   make test   install into .venv (with dev tools) and run the test suite
+#   make test   install into .venv (with dev tools), the system programs some tests drive
+#               (build/system-deps.sh), and run the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -24,7 +25,10 @@ run: install
 dev: install
 	IMAGE_PROXY_ROOT_PATH=data/images $(BIN)/sanic imgproxy.app:create_app --factory --dev --host 127.0.0.1 --port 8000
 
+# redis-server, chromium + chromedriver, promtool: installed with apt-get when missing and
+# root (Debian), otherwise listed; their tests skip outside CI
 test: install
+	bash build/system-deps.sh
 	$(BIN)/pytest
 
 lint: install

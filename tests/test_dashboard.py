@@ -1,4 +1,5 @@
-"""deploy/grafana/imgproxy.json: every metric and label its queries use exists in a real scrape.
+"""deploy/grafana/imgproxy.json (and deploy/prometheus/alerts.yml): every metric and label
+their queries use exists in a real scrape.
 
 A dashboard over metrics that were renamed (or never existed) shows "No data" and nobody
 notices until an incident. So: start the real server (`python -m imgproxy`, multiprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import photo, subprocess_server
+from test_alerts import rule_exprs
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "imgproxy.json"
 
@@ -209,9 +211,11 @@ def test_every_dashboard_metric_is_in_a_real_scrape(corpus: Path, tmp_path: Path
             assert server.get("/remote.jpg?size=50").status == 200  # fallback: ok
             assert server.get("/landscape.jpg?size=0").status == 400
             scrape = server.get("/metrics").text
+    rules = rule_exprs()  # alerts.yml too; its recording rules are not scraped, they are made
     seen = scrape_labels(scrape)
+    seen.update({name: grouping_labels(expr) for name, expr in rules.items()})
     problems = []
-    for title, expr in dashboard_queries():
+    for title, expr in dashboard_queries() + list(rules.items()):
         for name in sorted(metric_names(expr)):
             if name not in seen:
                 problems.append(f"{title}: {name} not in the scrape")
