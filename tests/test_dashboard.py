@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import photo, subprocess_server
+from conftest import Server, photo, subprocess_server
 from test_alerts import rule_exprs
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "imgproxy.json"
@@ -229,3 +229,17 @@ def test_every_dashboard_metric_is_in_a_real_scrape(corpus: Path, tmp_path: Path
         if missing:
             problems.append(f"{title}: grouping by {sorted(missing)}, not a label of its metrics")
     assert not problems, "\n".join(problems)
+
+
+def test_error_series_exist_at_zero_before_the_first_error(server: Server) -> None:
+    """An alert on `increase(image_cache_errors_total[10m]) > 0` misses the first error of a
+    series that is born at 1: every tier and fallback outcome starts at 0."""
+    seen = {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in server.get("/metrics").text.splitlines()
+        if line and not line.startswith("#")
+    }
+    for tier in ("memory", "disk", "redis"):
+        assert seen[f'image_cache_errors_total{{tier="{tier}"}}'] == 0
+    for outcome in ("ok", "not_found", "error", "timeout", "not_image"):
+        assert seen[f'image_fallback_fetches_total{{outcome="{outcome}"}}'] == 0

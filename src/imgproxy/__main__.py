@@ -6,13 +6,14 @@ rebuilds the app from the pickled `AppLoader` factory (`partial(create_app, sett
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from functools import partial
 
-from . import __version__
+from . import __version__, logs
 from .config import VARS, ConfigError, Settings
 
 USAGE = """\
@@ -102,13 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"imgproxy: {exc}", file=sys.stderr)
+        if os.environ.get("IMAGE_PROXY_LOG_FORMAT", "").strip().lower() == "json":
+            logs.configure("INFO", "json")  # even this line is the JSON that was asked for
+            logging.getLogger("imgproxy").error("%s", exc)
+        else:
+            print(f"imgproxy: {exc}", file=sys.stderr)
         return 1
     if args == ["--check-config"]:
         print("imgproxy: configuration OK")
         return 0
-    if settings.server.log_level != "DEBUG":
-        os.environ.setdefault("VIPS_WARNING", "0")  # libvips' stderr noise on bad input
+    if settings.server.log_level != "DEBUG" or settings.observability.log_format == "json":
+        # libvips' stderr noise on bad input (it writes to fd 2 itself: never JSON)
+        os.environ.setdefault("VIPS_WARNING", "0")
     created = prepare_metrics_dir()
     try:
         return serve(settings)

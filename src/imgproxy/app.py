@@ -15,8 +15,9 @@ from typing import Any
 from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
+from sanic.response import BaseHTTPResponse
 
-from . import __version__, params, transform
+from . import __version__, logs, params, transform
 from .cache import DiskTier, MemoryTier, TieredCache
 from .config import FORMAT_ALIASES, Settings
 from .errors import ImgProxyError, Overloaded, status_label
@@ -69,14 +70,25 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     # `sanic imgproxy.app:create_app --factory` passes its argparse Namespace: ignore it.
     if not isinstance(settings, Settings):
         settings = Settings.from_env()
-    configure_logging(settings.server.log_level)
-    app = Sanic("imgproxy", config=Config(defaults=SANIC_DEFAULTS), request_class=ImgRequest)
+    obs = settings.observability
+    app = Sanic(
+        "imgproxy",
+        config=Config(defaults=SANIC_DEFAULTS),
+        request_class=ImgRequest,
+        configure_logging=obs.log_format == "text",  # JSON: logs.configure sets Sanic's up
+    )
+    # after Sanic(), which applies its own logging defaults; in every worker too (the
+    # factory runs again there); the whole process only outside tests
+    logs.configure(settings.server.log_level, obs.log_format, whole_process=not Sanic.test_mode)
     app.ctx.settings = settings
     # (worker index, pid) -> None, run in the main process when a worker died (workers.py):
     # main_process_start listeners add theirs, e.g. to return what the dead worker held.
     app.ctx.on_worker_death = []
-    if settings.server.log_level == "DEBUG" and "SANIC_ACCESS_LOG" not in os.environ:
+    debug = settings.server.log_level == "DEBUG"
+    if debug and not obs.access_log and "SANIC_ACCESS_LOG" not in os.environ:
         app.config.ACCESS_LOG = True  # RUST_LOG=DEBUG: one line per request, as the original
+    app.register_middleware(begin_request, "request")
+    app.register_middleware(finish_response, "response")
     app.add_route(health, "/health", methods=["GET", "HEAD"])
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
@@ -84,19 +96,6 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     app.register_listener(start_worker, "before_server_start")
     app.register_listener(stop_worker, "after_server_stop")
     return app
-
-
-def configure_logging(level: str) -> None:
-    for name in ("imgproxy", "sanic.root", "sanic.error", "sanic.access"):
-        logging.getLogger(name).setLevel(level)
-    ours = logging.getLogger("imgproxy")
-    if not ours.handlers:  # same shape as Sanic's lines, so one log reads as one stream
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
-        )
-        ours.addHandler(handler)
-        ours.propagate = False
 
 
 async def start_worker(app: Sanic[Any, Any]) -> None:
@@ -166,6 +165,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
     service: ImageService = request.app.ctx.service
     settings: Settings = request.app.ctx.settings
     started = time.perf_counter()
+    request.ctx.reply = None  # an image request: finish_response adds Server-Timing
     service.metrics.in_flight.inc()
     reply: Reply | None = None
     kind = "other"
@@ -183,6 +183,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
         else:
             kind = "transform"
             reply = await service.transform(spec, cond, located)
+        request.ctx.reply = reply
         response = await _respond(request, reply, settings)
         status = reply.status
     except ImgProxyError as exc:
@@ -234,6 +235,64 @@ async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPRe
     finally:
         stream.close()
     return response  # type: ignore[no-any-return]
+
+
+def begin_request(request: Request) -> None:
+    request.ctx.started = time.perf_counter()
+    request.ctx.request_id = logs.request_id(request.headers.get("x-request-id"))
+
+
+def finish_response(request: Request, response: BaseHTTPResponse) -> None:
+    """Every response: X-Request-ID and the access line; image responses: Server-Timing."""
+    ctx = request.ctx
+    now = time.perf_counter()
+    rid = getattr(ctx, "request_id", None) or logs.request_id(request.headers.get("x-request-id"))
+    response.headers["X-Request-ID"] = rid
+    settings: Settings = request.app.ctx.settings
+    is_image = hasattr(ctx, "reply")
+    reply: Reply | None = getattr(ctx, "reply", None)
+    cache = None
+    if is_image and settings.cache.enabled:
+        cache = (reply.cache_tier if reply is not None else None) or "miss"
+    seconds = now - getattr(ctx, "started", now)
+    if is_image and settings.observability.server_timing:
+        steps = reply.steps if reply is not None else None
+        response.headers["Server-Timing"] = server_timing(seconds, steps, cache)
+    if settings.observability.access_log:
+        fmt = None
+        if reply is not None and reply.content_type:
+            fmt = reply.content_type.rpartition("/")[2]
+        query = request.query_string
+        logs.access(
+            request.method,
+            request.path + ("?" + query if query else ""),
+            response.status,
+            _body_bytes(request, response),
+            seconds * 1000,
+            cache,
+            fmt,
+            rid,
+        )
+
+
+def server_timing(total: float, steps: dict[str, float] | None, cache: str | None) -> str:
+    """`cache;desc=<tier>|miss, decode;dur=.., resize;dur=.., encode;dur=.., total;dur=..`
+    (milliseconds): what devtools shows under Network -> Timing -> Server Timing."""
+    parts = [f"cache;desc={cache}"] if cache else []
+    for step in ("decode", "resize", "encode"):
+        if steps and step in steps:
+            parts.append(f"{step};dur={steps[step] * 1000:.2f}")
+    parts.append(f"total;dur={total * 1000:.2f}")
+    return ", ".join(parts)
+
+
+def _body_bytes(request: Request, response: BaseHTTPResponse) -> int:
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    length = response.headers.get("content-length")
+    if length and length.isdigit():
+        return int(length)  # a streamed body
+    return len(response.body or b"")
 
 
 def error_response(exc: ImgProxyError) -> HTTPResponse:

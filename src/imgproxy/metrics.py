@@ -23,6 +23,10 @@ from prometheus_client import (
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# label values created at zero up front, so that `increase()` in an alert sees the first
+# error (a series that is born at 1 has no increase) and dashboards show 0, not "No data"
+CACHE_TIERS = ("memory", "disk", "redis")
+FALLBACK_OUTCOMES = ("ok", "not_found", "error", "timeout", "not_image")
 _REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -105,10 +109,10 @@ class Metrics:
         self.bytes_served = Counter(
             "image_response_bytes", "Body bytes of image responses", ["kind"], registry=r
         )
-        # incremented by the main process's watchdog when it replaces a dead worker
-        self.worker_restarts = Counter(
-            "image_worker_restarts", "Workers that died and were replaced", registry=r
-        )
+        for tier in CACHE_TIERS:
+            self.cache_errors.labels(tier)
+        for outcome in FALLBACK_OUTCOMES:
+            self.fallback.labels(outcome)
 
     def render(self) -> bytes:
         if multiprocess_dir():

@@ -60,6 +60,8 @@ class Reply:
     stream: OpenFile | None = None  # large passthrough file, opened, streamed by the app
     size: int = 0
     x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
+    cache_tier: str | None = None  # the tier that answered ("memory", "disk"), else None
+    steps: dict[str, float] | None = None  # seconds per step when a render ran for it
 
 
 class ImageService:
@@ -81,7 +83,7 @@ class ImageService:
         self.http = http
         self.capacity = settings.limits.transform_threads + settings.limits.transform_queue
         self.pending = 0  # transforms submitted and not finished (running + waiting)
-        self._inflight: dict[str, asyncio.Task[Entry]] = {}
+        self._inflight: dict[str, asyncio.Task[tuple[Entry, dict[str, float]]]] = {}
         self._background: set[asyncio.Future[None]] = set()
         self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
         # passthrough bytes of small local files, validated by (size, mtime) on every request
@@ -228,15 +230,25 @@ class ImageService:
                 ctype = sniff.CONTENT_TYPES.get(spec.format or "", "")
                 return Reply(304, ctype, etag, located.mtime)
 
-        x_cache = None
+        x_cache = tier = steps = None
         entry = None
         if self.cache is not None:
-            entry = await self._cache_get(key)
+            entry, tier = await self._cache_get(key)
             x_cache = "HIT" if entry is not None else "MISS"
         if entry is None:
-            entry = await self._single_flight(key, located, spec)
+            entry, steps = await self._single_flight(key, located, spec)
         body, ctype = entry
-        return Reply(200, ctype, etag, located.mtime, body=body, size=len(body), x_cache=x_cache)
+        return Reply(
+            200,
+            ctype,
+            etag,
+            located.mtime,
+            body=body,
+            size=len(body),
+            x_cache=x_cache,
+            cache_tier=tier,
+            steps=steps,
+        )
 
     HEAD_BYTES = 64 * 1024  # JPEG dimensions sit after EXIF/ICC segments: usually < 64 KiB
 
@@ -261,27 +273,30 @@ class ImageService:
             )
         return kind
 
-    async def _cache_get(self, key: str) -> Entry | None:
+    async def _cache_get(self, key: str) -> tuple[Entry | None, str | None]:
+        """The entry and the tier that answered (None: a miss in every tier)."""
         assert self.cache is not None
         entry = self.cache.get_memory(key)
         if entry is not None:
             self.metrics.cache.labels("memory", "hit").inc()
-            return entry
+            return entry, "memory"
         self.metrics.cache.labels("memory", "miss").inc()
         if self.cache.disk is None or not self.cache.disk.available:
-            return None
+            return None, None
         entry = self._writing.get(key)
         if entry is not None:  # rendered here a moment ago, on its way to disk
             self.metrics.cache.labels("disk", "hit").inc()
-            return entry
+            return entry, "disk"
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(self.io_executor, self.cache.get_disk, key)
         self.metrics.cache.labels("disk", "hit" if entry is not None else "miss").inc()
         if entry is not None:
             self.cache.put_memory(key, entry)  # promote
-        return entry
+        return entry, ("disk" if entry is not None else None)
 
-    async def _single_flight(self, key: str, located: Located, spec: TransformSpec) -> Entry:
+    async def _single_flight(
+        self, key: str, located: Located, spec: TransformSpec
+    ) -> tuple[Entry, dict[str, float]]:
         """Identical concurrent misses share one render; the render outlives a client that
         disconnects, so its result still reaches the cache."""
         task = self._inflight.get(key)
@@ -291,7 +306,9 @@ class ImageService:
             task.add_done_callback(lambda t: (self._inflight.pop(key, None), t.exception()))
         return await asyncio.shield(task)
 
-    async def _render_and_store(self, key: str, located: Located, spec: TransformSpec) -> Entry:
+    async def _render_and_store(
+        self, key: str, located: Located, spec: TransformSpec
+    ) -> tuple[Entry, dict[str, float]]:
         if self.pending >= self.capacity:
             self.metrics.overloaded.inc()
             raise Overloaded()
@@ -333,7 +350,7 @@ class ImageService:
                 fut = loop.run_in_executor(self.io_executor, self.cache.put_disk, key, entry)
                 self._background.add(fut)
                 fut.add_done_callback(lambda f: self._write_done(f, key))
-        return entry
+        return entry, rendered.steps
 
     def _write_done(self, fut: asyncio.Future[None], key: str) -> None:
         self._background.discard(fut)
