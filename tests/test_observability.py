@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,6 +204,12 @@ def test_request_id_function(incoming: str | None, kept: bool) -> None:
     assert (got == incoming) is kept
     if not kept:
         assert GENERATED.fullmatch(got)
+        as_uuid = uuid.UUID(hex=got)
+        assert (as_uuid.version, as_uuid.variant, as_uuid.hex) == (4, uuid.RFC_4122, got)
+
+
+def test_generated_request_ids_are_unique() -> None:
+    assert len({logs.new_request_id() for _ in range(50_000)}) == 50_000
 
 
 # -- logs ---------------------------------------------------------------------------------

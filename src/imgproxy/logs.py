@@ -23,10 +23,10 @@ import io
 import json
 import logging
 import logging.config
+import os
 import sys
 import threading
 import time
-import uuid
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -46,7 +46,17 @@ def request_id(incoming: str | None) -> str:
     space included; Sanic strips the ends), else a new uuid4 in hex (32 characters)."""
     if incoming and len(incoming) <= REQUEST_ID_MAX and all(" " <= c <= "~" for c in incoming):
         return incoming
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+_V4_KEEP = ~((0xF << 76) | (0x3 << 62))  # the version nibble and the variant bits
+_V4_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID in hex: what `uuid.uuid4().hex` returns, in a quarter of
+    the time (no UUID object; it runs once per request)."""
+    return "%032x" % (int.from_bytes(os.urandom(16)) & _V4_KEEP | _V4_SET)
 
 
 class JsonFormatter(logging.Formatter):
