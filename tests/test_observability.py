@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Resp, Server, stop_process_group, subprocess_server
+from conftest import Resp, Server, subprocess_server
 from imgproxy import logs
 
 STEPS = ("decode", "resize", "encode")
@@ -246,9 +246,7 @@ def run_server(
 ) -> str:
     with subprocess_server(env) as (server, proc):
         traffic(server, proc)
-        stop_process_group(proc)
-        assert proc.stdout is not None
-        return proc.stdout.read().decode("utf-8", "replace")
+    return "".join(server.output)  # stdout and stderr, drained until the server exited
 
 
 @pytest.mark.slow
@@ -278,7 +276,10 @@ def test_json_logs_every_line_and_an_access_line_per_request(corpus: Path) -> No
         workers[:] = worker_pids(proc.pid, server.port)
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGKILL)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while server.metric("image_worker_restarts_total") < 1:  # the watchdog replaced it
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
         r = server.get("/landscape.jpg?size=50", headers={"X-Request-ID": "after-kill"})
         assert r.status == 200
         sent["after-kill"] = ("/landscape.jpg?size=50", 200, len(r.body))
@@ -304,6 +305,9 @@ def test_json_logs_every_line_and_an_access_line_per_request(corpus: Path) -> No
     assert len([r for r in access if r["request_id"] in sent]) == len(sent)
     for pid in workers:  # the process killed was a worker
         assert f"Starting worker [{pid}]" in [r["msg"] for r in records]
+    # the main process's watchdog said so, in one JSON line
+    death = [r for r in records if f"(pid {workers[0]}) died" in str(r["msg"])]
+    assert len(death) == 1 and death[0]["level"] == "WARNING", death
     loggers = {r.get("logger") for r in records}
     assert {"sanic.root", "sanic.server", "imgproxy.access"} <= loggers
 
