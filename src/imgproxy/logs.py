@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import logging.config
 import os
 import sys
 import threading
@@ -91,45 +90,47 @@ def _iso(created: float) -> str:
 
 
 def configure(level: str, fmt: str, whole_process: bool = False) -> None:
-    """Set up logging for `fmt` ("text" or "json"): our loggers and Sanic's. `whole_process`
-    (a real server process, never a test runner): in JSON mode also the root logger,
-    warnings, sys.stdout/sys.stderr and the exception hooks."""
+    """Set up logging for `fmt` ("text" or "json"): our loggers, and Sanic's in JSON mode.
+    Handlers others added to our loggers (an embedding app, a test) are left alone.
+    `whole_process` (a real server process, never a test runner): in JSON mode also the
+    root logger, warnings, sys.stdout/sys.stderr and the exception hooks."""
     out, err = _REAL_STREAMS or (sys.stdout, sys.stderr)
-    root = None
-    if fmt != "json":
-        formatter: dict[str, Any] = {"format": TEXT_FORMAT}
-        loggers: dict[str, Any] = {  # Sanic keeps its own handlers and format in text mode
-            "imgproxy": {"level": level, "handlers": ["stderr"], "propagate": False},
-            ACCESS: {"level": "INFO", "handlers": ["stdout"], "propagate": False},
-        }
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+
+    def handler(stream: TextIO) -> logging.Handler:
+        h = _Handler(stream)
+        h.setFormatter(formatter)
+        return h
+
+    _attach("imgproxy", level, handler(err))
+    _attach(ACCESS, "INFO", handler(out))  # its own switch: IMAGE_PROXY_ACCESS_LOG
+    if fmt != "json":  # Sanic keeps its own handlers and format
         for name in ("sanic.root", "sanic.error", "sanic.access"):
             logging.getLogger(name).setLevel(level)
-    else:
-        formatter = {"()": JsonFormatter}
-        loggers = {
-            **{n: {"level": level, "handlers": ["stdout"], "propagate": False} for n in _SANIC_OUT},
-            "sanic.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "imgproxy": {"level": level, "handlers": ["stderr"], "propagate": False},
-            ACCESS: {"level": "INFO", "handlers": ["stdout"], "propagate": False},
-        }
-        if whole_process:
-            root = {"level": "WARNING", "handlers": ["stderr"]}  # asyncio, py.warnings, ...
-            logging.captureWarnings(True)
-    config: dict[str, Any] = {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"main": formatter},
-        "handlers": {
-            "stdout": {"class": "logging.StreamHandler", "formatter": "main", "stream": out},
-            "stderr": {"class": "logging.StreamHandler", "formatter": "main", "stream": err},
-        },
-        "loggers": loggers,
-    }
-    if root is not None:
-        config["root"] = root
-    logging.config.dictConfig(config)
-    if fmt == "json" and whole_process:
+        return
+    for name in _SANIC_OUT:
+        _attach(name, level, handler(out), only=True)
+    _attach("sanic.error", level, handler(err), only=True)
+    if whole_process:
+        _attach("", "WARNING", handler(err), only=True)  # asyncio, py.warnings, the rest
+        _attach("imgproxy.stdout", level, handler(out))  # stray writes, see _JsonLines
+        logging.captureWarnings(True)
         _take_over_streams()
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Ours: replaced, not added again, when `configure` runs again."""
+
+
+def _attach(name: str, level: str, handler: logging.Handler, only: bool = False) -> None:
+    logger = logging.getLogger(name)
+    for old in list(logger.handlers):
+        if only or isinstance(old, _Handler):
+            logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    if name:
+        logger.propagate = False
 
 
 def access(
@@ -284,8 +285,6 @@ def _take_over_streams() -> None:
     if _REAL_STREAMS is None:
         _REAL_STREAMS = (sys.stdout, sys.stderr)
     out, err = _REAL_STREAMS
-    logging.getLogger("imgproxy.stdout").propagate = False
-    logging.getLogger("imgproxy.stdout").handlers = logging.getLogger(ACCESS).handlers
     sys.stdout = _JsonLines(out, "stdout", logging.INFO)
     sys.stderr = _JsonLines(err, "stderr", logging.ERROR)
     log = logging.getLogger("imgproxy")
