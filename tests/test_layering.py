@@ -30,6 +30,7 @@ LEAVES = {
     "flight",
     "metrics",
     "logs",
+    "signing",
 }
 # httpdates is pure text <-> value code used by sources (origin dates), service (conditional
 # requests) and app (Last-Modified): a base module like errors, not a leaf.
@@ -42,7 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "service": LEAVES | BASE,
     "app": {"__init__", "service"} | LEAVES | BASE,
     # _build: written by build/shiv.sh
-    "__main__": {"__init__", "_build", "app", "config", "logs", "metrics", "workers"},
+    "__main__": {"__init__", "_build", "app", "config", "logs", "metrics", "signing", "workers"},
     # beside app, under __main__: runs in the main process only (replaces dead workers)
     "workers": {"metrics"},
     "__init__": set(),

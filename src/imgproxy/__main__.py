@@ -12,14 +12,20 @@ import shutil
 import sys
 import tempfile
 from functools import partial
+from typing import Any
 
 from . import __version__, logs
 from .config import VARS, ConfigError, Settings
+from .signing import sign_url
 
 USAGE = """\
 usage: imgproxy [--help | --version | --check-config]
+       imgproxy sign URL
 
 Serves and transforms the images under IMAGE_PROXY_ROOT_PATH over HTTP.
+`imgproxy sign '/photos/a.jpg?size=400&format=webp'` prints that path and query with a `sig`
+appended, signed with the first key of IMAGE_PROXY_SIGNATURE_KEYS (IMAGE_PROXY_STRIP_PATH is
+honoured); web apps can call imgproxy.signing.sign_url(url, key) instead.
 Configuration comes from the environment only:
 """
 
@@ -68,6 +74,30 @@ def serve(settings: Settings) -> int:
     return 1 if crash_looped(app) else 0
 
 
+def sign_command(url: str) -> int:
+    """`imgproxy sign URL`: only the two variables it needs are read (a web host running it has
+    no image root); the key is never printed, not even when it is refused."""
+    values: dict[str, Any] = {}
+    for var in VARS:
+        if var.env in ("IMAGE_PROXY_SIGNATURE_KEYS", "IMAGE_PROXY_STRIP_PATH"):
+            text = os.environ.get(var.env, var.default)
+            try:
+                values[var.env] = var.parse(text)
+            except ValueError as exc:
+                shown = "<secret>" if var.secret else repr(text)
+                print(f"imgproxy sign: {var.env}={shown}: {exc}", file=sys.stderr)
+                return 1
+    keys: tuple[str, ...] = values["IMAGE_PROXY_SIGNATURE_KEYS"]
+    if not keys:
+        print(
+            "imgproxy sign: IMAGE_PROXY_SIGNATURE_KEYS is not set: no key to sign with",
+            file=sys.stderr,
+        )
+        return 1
+    print(sign_url(url, keys[0], str(values["IMAGE_PROXY_STRIP_PATH"])))
+    return 0
+
+
 def python_mismatch() -> str | None:
     """The .pyz holds compiled extensions for one CPython minor (recorded by build/shiv.sh in
     `imgproxy._build`, absent outside a .pyz): say so plainly instead of an ImportError later."""
@@ -97,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if args in (["--help"], ["-h"]):
         print(help_text(), end="")
         return 0
+    if len(args) == 2 and args[0] == "sign":
+        return sign_command(args[1])
     if args not in ([], ["--check-config"]):
         print(USAGE, file=sys.stderr, end="")
         return 2

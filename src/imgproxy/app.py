@@ -17,10 +17,10 @@ from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
 from sanic.response import BaseHTTPResponse
 
-from . import __version__, logs, params, transform
+from . import __version__, logs, params, signing, transform
 from .cache import DiskTier, MemoryTier, TieredCache
 from .config import FORMAT_ALIASES, Settings
-from .errors import ImgProxyError, Overloaded, status_label
+from .errors import Forbidden, ImgProxyError, Overloaded, status_label
 from .httpdates import Conditional, format_date
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, mark_process_dead
@@ -171,6 +171,8 @@ async def image(request: Request, path: str) -> HTTPResponse:
     kind = "other"
     negotiated: str | None = None
     try:
+        if settings.security.signature_keys:
+            check_signature(request, settings)
         spec = params.parse(request.path, request.query_string, request.headers, settings)
         cond = Conditional.from_headers(request.headers)
         located = None
@@ -202,6 +204,19 @@ async def image(request: Request, path: str) -> HTTPResponse:
         sent,
     )
     return response
+
+
+def check_signature(request: Request, settings: Settings) -> None:
+    """Signed URLs: checked first, on the raw path and query, before the path is parsed or any
+    parameter validated, so an unsigned request learns nothing (not even 404 vs 400)."""
+    reason = signing.refusal(
+        settings.security.signature_keys,
+        request.path,  # still percent-encoded in Sanic
+        request.query_string,
+        settings.images.strip_path,
+    )
+    if reason is not None:
+        raise Forbidden(reason)
 
 
 async def _respond(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:

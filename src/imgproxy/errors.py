@@ -2,6 +2,7 @@
 
     ImgProxyError                 500  (never raised directly)
     ├── BadRequest                400  a query value is invalid
+    ├── Forbidden                 403  signing on and `sig` missing, malformed, repeated or wrong
     ├── NotFound                  404  missing file, or a path that tries to leave the root
     ├── UnsupportedMediaType      415  extension or bytes are not a supported image type
     ├── UnprocessableImage        422  corrupt/truncated image, or over the pixel limit
@@ -30,6 +31,11 @@ class ImgProxyError(Exception):
 class BadRequest(ImgProxyError):
     status = 400
     reason = "bad request"
+
+
+class Forbidden(ImgProxyError):
+    status = 403
+    reason = "forbidden"
 
 
 class NotFound(ImgProxyError):
@@ -80,6 +86,7 @@ STATUS_LABELS = {
     200: "ok",
     304: "not_modified",
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     415: "unsupported_media_type",
     422: "unprocessable",

@@ -13,6 +13,7 @@ Everything a client controls is validated here, once, before any file is touched
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import re
@@ -146,6 +147,15 @@ def parse_query(query_string: str) -> dict[str, list[str]]:
     return args
 
 
+def snap(target: int, allowed: tuple[int, ...]) -> int:
+    """IMAGE_PROXY_ALLOWED_SIZES (sorted): the nearest listed size at or above `target`, or the
+    largest when `target` is above them all; `()` = any size. The cache key (and so the number
+    of renders per source) follows the snapped size; never-upscale still applies afterwards."""
+    if not allowed:
+        return target
+    return allowed[min(bisect.bisect_left(allowed, target), len(allowed) - 1)]
+
+
 def parse(
     raw_path: str, query_string: str, headers: Mapping[str, str], settings: Settings
 ) -> TransformSpec:
@@ -194,6 +204,7 @@ def parse(
     if size is not None:
         # half away from zero: 101 x 2.5 = 253 (Python's round() would give 252)
         target = int((Decimal(size) * dpr).to_integral_value(rounding=ROUND_HALF_UP))
+        target = snap(target, settings.security.allowed_sizes)
     return TransformSpec(
         path=path,
         transform=True,
