@@ -343,3 +343,21 @@ def test_help_mentions_sign() -> None:
     run = cli("--help")
     assert run.returncode == 0
     assert "imgproxy sign URL" in run.stdout
+
+
+def test_memoised_and_computed_verdicts_agree() -> None:
+    """Hot URLs are memoised (up to 1 KiB); longer ones are computed each time."""
+    for extra in ("", "&v=" + "x" * 2000):
+        url = signing.sign_url(f"/a.jpg?size=9{extra}", K2)
+        path, _, query = url.partition("?")
+        for _ in range(2):
+            assert signing.verify([K1, K2], path, query)
+            assert not signing.verify([K1], path, query)
+            assert signing.refusal([K1, K2], path, query.replace("size=9", "size=8")) == (
+                "signature invalid"
+            )
+
+
+def test_hmac_matches_the_standard_library_for_any_key_length() -> None:
+    for key in ("k" * 32, "k" * 64, "k" * 65, "é" * 40, "k" * 200):
+        assert signing.sign(key, "/a.jpg?size=1") == reference_sig(key, "/a.jpg?size=1")

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""What signing costs on the cheapest request there is: a memory-tier cache hit.
+
+    .venv/bin/python bench/signing.py                  # 8 slices x 4 s per server (~1.5 min)
+    .venv/bin/python bench/signing.py --slices 4 --duration 2
+
+Two servers run side by side on 127.0.0.1, same corpus, same settings (1 worker, cache on),
+one with IMAGE_PROXY_SIGNATURE_KEYS (two keys: every key is tried, so this is the rotation
+case) and one without. Both answer the same URL (`/photo-1200.jpg?size=400&format=webp`, the
+signed one with `&sig=…`), so after the first request every response is a memory-tier HIT.
+wrk (8 connections, 1 thread) measures them in interleaved windows, ABBA order, so that the
+VM's drift hits both alike; the ratio is taken per slice (paired) and its median reported.
+Server CPU per request (utime+stime of the server's process group over the window ÷
+requests) is reported too: it is the cost itself, less sensitive to the neighbours than req/s.
+
+Last, `signing.verify` alone, in-process (timeit on CPU time, best of 7): µs per call for one
+and two keys, as a memo hit (a URL seen before: the cache-hit case) and computed (a URL seen
+for the first time), each as a share of the unsigned server's CPU per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import timeit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+
+from bench import Server, free_port, group_ticks, quiesce, wrk  # noqa: E402
+
+from imgproxy import signing  # noqa: E402
+
+KEYS = ("bench-first-key-0123456789abcdefghijkl", "bench-second-key-0123456789abcdefghijk")
+PATH = "/photo-1200.jpg?size=400&format=webp"
+
+
+def make_corpus(root: str) -> None:
+    import pyvips
+
+    x = pyvips.Image.xyz(1200, 800)
+    grad = (x[0] * (255 / 1200) + x[1] * (128 / 800)).cast("uchar")
+    img = (grad + pyvips.Image.gaussnoise(1200, 800, sigma=12)).cast("uchar")
+    img = img.bandjoin([(255 - img).cast("uchar"), (img // 2 + 60).cast("uchar")])
+    img.copy(interpretation="srgb").jpegsave(os.path.join(root, "photo-1200.jpg"), Q=85)
+
+
+def window(server: Server, paths: str, duration: float) -> dict[str, float]:
+    tck = os.sysconf("SC_CLK_TCK")
+    t0 = group_ticks(server.pgid)
+    r = wrk(server.port, paths, duration, conc=8, threads=1)
+    cpu = (group_ticks(server.pgid) - t0) / tck
+    if r["errors"] or r["non2xx"]:
+        raise RuntimeError(f"errors in the window: {r}")
+    return {"rps": r["rps"], "cpu_us": cpu / max(1, r["requests"]) * 1e6, "p50": r["lat_p50_us"]}
+
+
+def verify_cost() -> dict[str, float]:
+    path, _, query = signing.sign_url(PATH, KEYS[0]).partition("?")
+    second = signing.sign_url(PATH, KEYS[1]).partition("?")[2]
+    out = {}
+    n = 20000
+    for name, keys, q in (("1 key", KEYS[:1], query), ("2 keys", KEYS, second)):
+        for memo, fn in (("memo hit", signing.verify), ("computed", signing._compute)):
+            assert fn(keys, path, q, "") in (True, None)
+            times = timeit.repeat(
+                lambda: fn(keys, path, q, ""),  # noqa: B023
+                number=n,
+                repeat=7,
+                timer=time.process_time,  # CPU time: the machine is shared
+            )
+            out[f"{name}, {memo}"] = min(times) / n * 1e6
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slices", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per window")
+    a = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="imgproxy-bench-signing-")
+    corpus = os.path.join(work, "images")
+    os.makedirs(corpus)
+    make_corpus(corpus)
+    env = {"IMAGE_PROXY_WORKERS": "1", "IMAGE_PROXY_ENABLE_CACHE": "true"}
+    signed_env = {**env, "IMAGE_PROXY_SIGNATURE_KEYS": ",".join(KEYS)}
+    signed_path = signing.sign_url(PATH, KEYS[1])  # the second key: both HMACs are computed
+    files = {}
+    for name, target in (("plain", PATH), ("signed", signed_path)):
+        files[name] = os.path.join(work, f"{name}.txt")
+        with open(files[name], "w") as fh:
+            fh.write(target + "\n")
+
+    rows: dict[str, list[dict[str, float]]] = {"plain": [], "signed": []}
+    with (
+        Server(corpus, env, os.path.join(work, "plain.log"), free_port()) as plain,
+        Server(corpus, signed_env, os.path.join(work, "signed.log"), free_port()) as signed,
+    ):
+        servers = {"plain": plain, "signed": signed}
+        for name, s in servers.items():  # fill the cache, warm up
+            wrk(s.port, files[name], 1, conc=8, threads=1)
+        for i in range(a.slices):
+            order = ("plain", "signed") if i % 2 == 0 else ("signed", "plain")
+            quiesce(max_wait=20)
+            for name in order:
+                rows[name].append(window(servers[name], files[name], a.duration))
+            print(
+                f"slice {i + 1}/{a.slices}: plain {rows['plain'][-1]['rps']:.0f} req/s, "
+                f"signed {rows['signed'][-1]['rps']:.0f} req/s",
+                file=sys.stderr,
+            )
+            time.sleep(0.2)
+
+    ratios = [s["rps"] / p["rps"] for p, s in zip(rows["plain"], rows["signed"], strict=True)]
+    cpu = {name: statistics.median(r["cpu_us"] for r in rs) for name, rs in rows.items()}
+    rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in rows.items()}
+    p50 = {name: statistics.median(r["p50"] for r in rs) / 1000 for name, rs in rows.items()}
+    cost = verify_cost()
+    print(f"\ncache-hit request, {a.slices} interleaved slices x {a.duration:.0f} s, 1 worker each")
+    print("| server | req/s (median) | p50 ms | server CPU µs/req |")
+    print("|---|---|---|---|")
+    for name in ("plain", "signed"):
+        print(f"| {name} | {rps[name]:.0f} | {p50[name]:.2f} | {cpu[name]:.0f} |")
+    print(
+        f"\nsigned / plain req/s: median {statistics.median(ratios):.3f} "
+        f"(slices {min(ratios):.3f} … {max(ratios):.3f}); "
+        f"CPU per request +{(cpu['signed'] / cpu['plain'] - 1) * 100:.1f} %"
+    )
+    for name, us in cost.items():
+        print(
+            f"signing.verify, {name}: {us:.2f} µs per call "
+            f"= {us / cpu['plain'] * 100:.2f} % of a plain cache hit's server CPU"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
