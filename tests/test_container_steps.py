@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MAGIC, subprocess_server
+from imgproxy.signing import verify
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +146,24 @@ def test_not_extracted_and_read_only_fails_loudly(image: Path, pyz: Path) -> Non
     )
     assert r.returncode != 0
     assert "PermissionError" in r.stderr or "Permission denied" in r.stderr
+
+
+def test_pyz_signs_urls(pyz: Path, tmp_path: Path) -> None:
+    """`python imgproxy.pyz sign URL` prints the signed path+query with the first key."""
+    first, second = "pyz-first-key-0123456789abcdefghijkl", "pyz-second-key-0123456789abcdefghij"
+    r = subprocess.run(
+        [interpreter(), str(pyz), "sign", "/coffee.jpg?size=64&format=webp"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SHIV_ROOT": str(tmp_path),
+            "IMAGE_PROXY_SIGNATURE_KEYS": f"{first},{second}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    path, _, query = r.stdout.strip().partition("?")
+    assert path == "/coffee.jpg" and query.startswith("size=64&format=webp&sig=")
+    assert verify([first], path, query) and not verify([second], path, query)
+    assert first not in r.stdout + r.stderr
