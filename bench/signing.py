@@ -13,9 +13,13 @@ VM's drift hits both alike; the ratio is taken per slice (paired) and its median
 Server CPU per request (utime+stime of the server's process group over the window ÷
 requests) is reported too: it is the cost itself, less sensitive to the neighbours than req/s.
 
-Last, `signing.verify` alone, in-process (timeit on CPU time, best of 7): µs per call for one
+Because req/s on a shared 2-vCPU VM swings by tens of percent between windows, two in-process
+measurements follow that do not depend on the neighbours as much (CPU time, not wall time):
+the image handler itself on a memory hit, plain app vs signed app in alternating rounds
+(median of the paired differences); and, piece by piece, `signing.verify` alone, in-process (timeit on CPU time, best of 7): µs per call for one
 and two keys, as a memo hit (a URL seen before: the cache-hit case) and computed (a URL seen
-for the first time), each as a share of the unsigned server's CPU per request.
+for the first time), plus the cost of parsing the longer query; each as a share of the
+unsigned server's CPU per request.
 """
 
 from __future__ import annotations
@@ -101,6 +105,59 @@ def extra_parsing() -> dict[str, float]:
     return out
 
 
+def handler_ab(corpus: str, rounds: int = 40, n: int = 1000) -> tuple[list[float], float]:
+    """The image handler alone, in-process, on a memory-tier hit: plain app vs signed app,
+    `n` calls each per round in alternating order, CPU time. Returns µs per call (signed -
+    plain) for every round (all the handler-side work signing adds, nothing of HTTP) and the
+    median µs of a plain call."""
+    import asyncio
+
+    from sanic import Sanic
+    from sanic.request import Request
+
+    from imgproxy.app import create_app, image, start_worker, stop_worker
+    from imgproxy.config import Settings
+
+    Sanic.test_mode = True
+    base = {"IMAGE_PROXY_ROOT_PATH": corpus, "IMAGE_PROXY_ENABLE_CACHE": "true"}
+    apps = {
+        "plain": create_app(Settings.from_env(base)),
+        "signed": create_app(
+            Settings.from_env({**base, "IMAGE_PROXY_SIGNATURE_KEYS": ",".join(KEYS)})
+        ),
+    }
+    targets = {"plain": PATH.encode(), "signed": signing.sign_url(PATH, KEYS[1]).encode()}
+    name = PATH.partition("?")[0].lstrip("/")
+
+    async def calls(which: str, count: int) -> float:
+        app, target = apps[which], targets[which]
+        t0 = time.process_time()
+        for _ in range(count):
+            req = Request(target, {}, "1.1", "GET", None, app)  # type: ignore[arg-type]
+            response = await image(req, name)
+            assert response.status == 200
+        return (time.process_time() - t0) / count * 1e6
+
+    async def run() -> tuple[list[float], float]:
+        for app in apps.values():
+            await start_worker(app)
+        try:
+            for which in apps:
+                await calls(which, 200)  # render once, then warm
+            deltas, plain = [], []
+            for i in range(rounds):
+                order = ("plain", "signed") if i % 2 == 0 else ("signed", "plain")
+                us = {w: await calls(w, n) for w in order}
+                deltas.append(us["signed"] - us["plain"])
+                plain.append(us["plain"])
+            return deltas, statistics.median(plain)
+        finally:
+            for app in apps.values():
+                await stop_worker(app)
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=16)
@@ -140,6 +197,7 @@ def main() -> int:
             )
             time.sleep(0.2)
 
+    handler, handler_plain = handler_ab(corpus)
     ratios = [s["rps"] / p["rps"] for p, s in zip(rows["plain"], rows["signed"], strict=True)]
     cpu = {name: statistics.median(r["cpu_us"] for r in rs) for name, rs in rows.items()}
     rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in rows.items()}
@@ -171,6 +229,13 @@ def main() -> int:
     print(
         f"bottom-up, a signed cache hit (memo hit + longer query): +{hit:.2f} µs "
         f"= {hit / cpu['plain'] * 100:.2f} % of a plain cache hit's server CPU"
+    )
+    delta = statistics.median(handler)
+    hq1, _, hq3 = statistics.quantiles(handler, n=4)
+    print(
+        f"image handler in-process ({handler_plain:.0f} µs plain), signed - plain: median "
+        f"{delta:+.2f} µs per request (IQR {hq1:+.2f} … {hq3:+.2f}) "
+        f"= {delta / cpu['plain'] * 100:+.2f} % of a plain cache hit's server CPU"
     )
     return 0
 
