@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What signing costs on the cheapest request there is: a memory-tier cache hit.
 
-    .venv/bin/python bench/signing.py                  # 8 slices x 4 s per server (~1.5 min)
+    .venv/bin/python bench/signing.py                  # 16 slices x 3 s per server (~2.5 min)
     .venv/bin/python bench/signing.py --slices 4 --duration 2
 
 Two servers run side by side on 127.0.0.1, same corpus, same settings (1 worker, cache on),
@@ -16,10 +16,10 @@ requests) is reported too: it is the cost itself, less sensitive to the neighbou
 Because req/s on a shared 2-vCPU VM swings by tens of percent between windows, two in-process
 measurements follow that do not depend on the neighbours as much (CPU time, not wall time):
 the image handler itself on a memory hit, plain app vs signed app in alternating rounds
-(median of the paired differences); and, piece by piece, `signing.verify` alone, in-process (timeit on CPU time, best of 7): µs per call for one
-and two keys, as a memo hit (a URL seen before: the cache-hit case) and computed (a URL seen
-for the first time), plus the cost of parsing the longer query; each as a share of the
-unsigned server's CPU per request.
+(median of the paired differences); and, piece by piece, `signing.verify` alone (timeit on
+CPU time, best of 7): µs per call for one and two keys, as a memo hit (a URL seen before:
+the cache-hit case) and computed (a URL seen for the first time), plus the cost of parsing
+the longer query; each as a share of the unsigned server's CPU per request.
 """
 
 from __future__ import annotations
