@@ -1,0 +1,106 @@
+"""Faster builds of the same codecs, for the render steps where pyvips-binary's builds lose.
+
+pyvips-binary compiles libwebp with -Os and drives libjpeg through libvips' pipeline (two
+header parses, strip regions, a worker thread per evaluation); on one core that costs a W5
+render ~35 % in the JPEG decode and ~25 % in the WebP encode (bench/README.md, "Codecs").
+This module runs those steps with the same libraries built for speed:
+
+    decode_jpeg   simplejpeg (libjpeg-turbo 3.1, -O3): DCT-scaled decode, islow IDCT and
+                  fancy upsampling like libvips' jpegload, so the pixels are identical
+    encode_webp   Pillow's libwebp 1.6 (-O3): same encoder, same settings, same bytes
+    encode_jpeg   Pillow's libjpeg-turbo 3.2, Huffman tables optimised like our
+                  jpegsave(optimize_coding=True)
+
+Every function returns None when it cannot guarantee the libvips result (CMYK, a libjpeg
+warning such as a truncated file, an odd band count, lossless WebP): the caller then takes
+the libvips path, which stays the single source of truth for errors and edge cases.
+Pixels cross the boundary as 8-bit interleaved buffers, so pyvips stays in transform.py.
+Both libraries release the GIL while they work.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import simplejpeg
+from PIL import Image
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_MIN_EDGE = 64  # below this a DCT scale could be met by a smaller factor; leave it to libvips
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """An 8-bit interleaved image: `data` is any buffer of height * width * bands bytes."""
+
+    data: Any
+    width: int
+    height: int
+    bands: int
+
+
+def decode_jpeg(data: bytes, shrink: int) -> Pixels | None:
+    """The JPEG decoded at exactly 1/`shrink` (1, 2, 4 or 8), or None for libvips to do it."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in ("YCbCr", "RGB", "Gray") or min(width, height) < _MIN_EDGE * shrink:
+            return None
+        # libjpeg scales to ceil(size / shrink); libvips then drops the partial last
+        # row and column (floor), so decode at the first size and crop to the second
+        scaled_w, scaled_h = -(-width // shrink), -(-height // shrink)
+        gray = colorspace == "Gray"
+        pixels = simplejpeg.decode_jpeg(
+            data,
+            colorspace="GRAY" if gray else "RGB",
+            min_width=scaled_w if shrink > 1 else 0,
+            min_height=scaled_h if shrink > 1 else 0,
+            strict=True,  # any libjpeg warning (corrupt, truncated): libvips decides
+        )
+    except ValueError:
+        return None
+    bands = 1 if gray else 3
+    if pixels.shape != (scaled_h, scaled_w, bands):
+        return None
+    out_w, out_h = width // shrink, height // shrink
+    if out_w != scaled_w:
+        pixels = pixels[:out_h, :out_w].copy()  # a contiguous copy without the last column
+    elif out_h != scaled_h:
+        pixels = pixels[:out_h]  # rows are contiguous: a view
+    return Pixels(pixels, out_w, out_h, bands)
+
+
+def _image(pixels: Pixels) -> Image.Image | None:
+    mode = _MODES.get(pixels.bands)
+    if mode is None:
+        return None
+    size = (pixels.width, pixels.height)
+    return Image.frombuffer(mode, size, pixels.data, "raw", mode, 0, 1)
+
+
+def encode_webp(pixels: Pixels, quality: int, effort: int) -> bytes | None:
+    """Lossy WebP of an RGB or RGBA image, as libvips' webpsave(Q, effort) writes it."""
+    if pixels.bands not in (3, 4):
+        return None
+    image = _image(pixels)
+    if image is None:
+        return None
+    out = io.BytesIO()
+    # libvips: WebPConfigPreset(DEFAULT, Q), method = effort, alpha_q 100, exact off
+    image.save(out, "WEBP", quality=quality, method=effort, alpha_quality=100, exact=False)
+    return out.getvalue()
+
+
+def encode_jpeg(pixels: Pixels, quality: int) -> bytes | None:
+    """Baseline JPEG with optimised Huffman tables, chroma subsampled 4:2:0 below Q90 and
+    4:4:4 from Q90 (libvips' subsample_mode=auto), no metadata."""
+    if pixels.bands not in (1, 3):
+        return None
+    image = _image(pixels)
+    if image is None:
+        return None
+    out = io.BytesIO()
+    extra = {"subsampling": 2 if quality < 90 else 0} if pixels.bands == 3 else {}  # 4:2:0 / 4:4:4
+    image.save(out, "JPEG", quality=quality, optimize=True, **extra)
+    return out.getvalue()
