@@ -3,15 +3,19 @@ quality floor on encode, and a refusal (None) wherever they could differ."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pyvips
 
-from imgproxy import fastcodecs
+from conftest import Server, photo
+from imgproxy import fastcodecs, transform
+from imgproxy.config import default_encode_options
+from imgproxy.errors import UnprocessableImage
 from imgproxy.fastcodecs import Pixels
-
-from conftest import photo
 
 KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 
@@ -119,3 +123,107 @@ def test_encoders_refuse_other_band_counts() -> None:
     assert fastcodecs.encode_jpeg(pixels_of(two), 75) is None
     grey = photo(64, 64).colourspace("b-w").copy_memory()
     assert fastcodecs.encode_webp(pixels_of(grey), 80, 4) is None
+
+
+# -- inside the pipeline: fast codecs on against off (libvips for every codec) ---------------
+
+
+def render(data: bytes, fmt: str, fast: bool, **plan: Any) -> transform.Rendered:
+    options = dataclasses.replace(default_encode_options(), fast_codecs=fast)
+    plan.setdefault("target", 400)
+    return transform.render(data, transform.Plan("jpeg", fmt, options, 1 << 40, **plan))
+
+
+def assert_equivalent(data: bytes, fmt: str, floor: float = 45, **plan: Any) -> bytes:
+    fast, slow = render(data, fmt, True, **plan), render(data, fmt, False, **plan)
+    assert (fast.width, fast.height) == (slow.width, slow.height)
+    assert abs(len(fast.data) - len(slow.data)) <= 0.03 * len(slow.data)
+    a, b = decode(fast.data), decode(slow.data)
+    assert (a.width, a.height, a.bands) == (b.width, b.height, b.bands)
+    assert psnr(a, b) >= floor
+    return fast.data
+
+
+@pytest.fixture(scope="module")
+def landscape() -> bytes:
+    transform.configure(1)
+    return bytes(photo(1200, 900).jpegsave_buffer(Q=85))
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "png", "avif"])
+@pytest.mark.parametrize(
+    "plan",
+    [{"algorithm": "auto"}, {"algorithm": "lanczos3"}, {"target": 250}, {"target": None}],
+    ids=["shrink2", "full-decode", "shrink4", "no-resize"],
+)
+def test_render_equals_the_libvips_only_render(
+    landscape: bytes, fmt: str, plan: dict[str, Any]
+) -> None:
+    if fmt == "avif" and plan.get("target", 400) is None:
+        pytest.skip("a 1200x900 AVIF encode is slow and adds nothing here")
+    out = assert_equivalent(landscape, fmt, **plan)
+    if fmt == "jpeg":  # Pillow writes a JFIF APP0 marker, libvips does not: the fast path ran
+        assert out[6:10] == b"JFIF"
+
+
+def test_the_fast_decoder_is_used_for_jpeg(
+    landscape: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = fastcodecs.decode_jpeg
+
+    def spy(data: bytes, shrink: int) -> Pixels | None:
+        got = real(data, shrink)
+        calls.append(shrink if got is not None else -1)
+        return got
+
+    monkeypatch.setattr(fastcodecs, "decode_jpeg", spy)
+    render(landscape, "webp", True)
+    render(landscape, "webp", True, target=250)
+    render(landscape, "webp", True, target=None)
+    render(landscape, "webp", False)
+    assert calls == [2, 4, 1]
+
+
+def test_exif_orientation_is_applied(landscape: bytes) -> None:
+    image = pyvips.Image.new_from_buffer(landscape, "").copy()
+    image.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    data = bytes(image.jpegsave_buffer(Q=85))
+    for fmt in ("jpeg", "webp"):
+        out = decode(assert_equivalent(data, fmt))
+        assert (out.width, out.height) == (300, 400)
+        assert not out.get_typeof("orientation") or out.get("orientation") == 1
+    upright = decode(render(landscape, "png", True).data).rot90()
+    assert psnr(decode(render(data, "png", True).data), upright) >= 45
+
+
+def test_embedded_icc_profile_is_honoured() -> None:
+    p3 = photo(1200, 900).icc_transform("p3").copy_memory()
+    assert p3.get_typeof("icc-profile-data")
+    data = bytes(p3.jpegsave_buffer(Q=90))
+    stripped = bytes(p3.jpegsave_buffer(Q=90, keep=KEEP_NONE))
+    for fmt in ("jpeg", "webp"):
+        converted = decode(assert_equivalent(data, fmt))
+        assert not converted.get_typeof("icc-profile-data")
+        ignored = decode(render(stripped, fmt, True).data)
+        assert psnr(converted, ignored) < 40  # the P3 -> sRGB conversion did happen
+
+
+def test_grey_cmyk_and_truncated_sources(landscape: bytes) -> None:
+    grey = bytes(photo(1200, 900).colourspace("b-w").jpegsave_buffer(Q=85))
+    assert_equivalent(grey, "jpeg")
+    assert_equivalent(grey, "webp")
+    cmyk = bytes(photo(1200, 900).icc_transform("cmyk").jpegsave_buffer(Q=85))
+    assert decode(assert_equivalent(cmyk, "webp")).bands == 3  # libvips decodes, then sRGB
+    with pytest.raises(UnprocessableImage):
+        render(landscape[: len(landscape) // 2], "webp", True)
+
+
+def test_server_output_with_and_without_fast_codecs(serve: Callable[..., Server]) -> None:
+    fast, slow = serve(), serve(IMAGE_PROXY_FAST_CODECS="false")
+    for query in ("size=400&format=webp", "size=400&format=jpeg", "size=200&format=png"):
+        a, b = fast.get(f"/landscape.jpg?{query}"), slow.get(f"/landscape.jpg?{query}")
+        assert a.status == b.status == 200
+        assert a.headers["content-type"] == b.headers["content-type"]
+        assert abs(len(a.body) - len(b.body)) <= 0.03 * len(b.body)
+        assert psnr(decode(a.body), decode(b.body)) >= 45

@@ -345,6 +345,13 @@ class EncodeOptions:
     png_compression: int = setting(
         "IMAGE_PROXY_PNG_COMPRESSION_LEVEL", "6", _int(0, 9), "PNG zlib level 0-9"
     )
+    fast_codecs: bool = setting(
+        "IMAGE_PROXY_FAST_CODECS",
+        "true",
+        _bool,
+        "decode JPEG with simplejpeg, encode JPEG/lossy WebP with Pillow (faster builds of "
+        "the same libjpeg-turbo/libwebp, same pixels); false: libvips for every codec",
+    )
 
     @property
     def avif_effort(self) -> int:

@@ -28,6 +28,7 @@ import simplejpeg
 from PIL import Image
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_MAX_EDGE = {"webp": 16383, "jpeg": 65500}  # larger: libvips raises the error
 _MIN_EDGE = 64  # below this a DCT scale could be met by a smaller factor; leave it to libvips
 
 
@@ -71,25 +72,25 @@ def decode_jpeg(data: bytes, shrink: int) -> Pixels | None:
     return Pixels(pixels, out_w, out_h, bands)
 
 
-def _image(pixels: Pixels) -> Image.Image | None:
+def _save(pixels: Pixels, fmt: str, **options: Any) -> bytes | None:
     mode = _MODES.get(pixels.bands)
-    if mode is None:
+    if mode is None or max(pixels.width, pixels.height) > _MAX_EDGE[fmt]:
         return None
     size = (pixels.width, pixels.height)
-    return Image.frombuffer(mode, size, pixels.data, "raw", mode, 0, 1)
+    out = io.BytesIO()
+    try:
+        Image.frombuffer(mode, size, pixels.data, "raw", mode, 0, 1).save(out, fmt, **options)
+    except (OSError, ValueError):  # an encoder's refusal: libvips' turn, and its error
+        return None
+    return out.getvalue()
 
 
 def encode_webp(pixels: Pixels, quality: int, effort: int) -> bytes | None:
     """Lossy WebP of an RGB or RGBA image, as libvips' webpsave(Q, effort) writes it."""
     if pixels.bands not in (3, 4):
         return None
-    image = _image(pixels)
-    if image is None:
-        return None
-    out = io.BytesIO()
     # libvips: WebPConfigPreset(DEFAULT, Q), method = effort, alpha_q 100, exact off
-    image.save(out, "WEBP", quality=quality, method=effort, alpha_quality=100, exact=False)
-    return out.getvalue()
+    return _save(pixels, "webp", quality=quality, method=effort, alpha_quality=100, exact=False)
 
 
 def encode_jpeg(pixels: Pixels, quality: int) -> bytes | None:
@@ -97,10 +98,5 @@ def encode_jpeg(pixels: Pixels, quality: int) -> bytes | None:
     4:4:4 from Q90 (libvips' subsample_mode=auto), no metadata."""
     if pixels.bands not in (1, 3):
         return None
-    image = _image(pixels)
-    if image is None:
-        return None
-    out = io.BytesIO()
     extra = {"subsampling": 2 if quality < 90 else 0} if pixels.bands == 3 else {}  # 4:2:0 / 4:4:4
-    image.save(out, "JPEG", quality=quality, optimize=True, **extra)
-    return out.getvalue()
+    return _save(pixels, "jpeg", quality=quality, optimize=True, **extra)
