@@ -33,6 +33,7 @@ pixels (what a viewer sees), Lanczos the PSNR against libvips' resize.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -73,7 +74,7 @@ KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 class Contender:
     name: str
     fn: Callable[[], Any]
-    side: str = "alt"  # "pillow" | "vips" | "alt"
+    side: str = "alt"  # "pillow" | "vips" | "ours" (what transform.py uses now) | "alt"
     check: str = ""  # filled after the first call
     samples: list[float] = field(default_factory=list)
 
@@ -191,7 +192,9 @@ def build_steps(corpus: str, only: set[str] | None) -> list[Step]:
 
             cs += [
                 Contender("simplejpeg (libjpeg-turbo 3.1, islow + fancy)", sj_dec),
-                Contender("simplejpeg -> pyvips.Image.new_from_memory", sj_dec_vips),
+                Contender(
+                    "simplejpeg -> pyvips.Image.new_from_memory (ours now)", sj_dec_vips, "ours"
+                ),
                 Contender(
                     "simplejpeg fastdct + fastupsample",
                     lambda d=data, w=w, h=h: sj_dec(d, w, h, True),
@@ -248,8 +251,9 @@ def build_steps(corpus: str, only: set[str] | None) -> list[Step]:
                 lambda: small.webpsave_buffer(Q=80, effort=4),
             ),
             Contender(
-                "Pillow from a pyvips image (write_to_memory + frombuffer)",
+                "Pillow from a pyvips image (write_to_memory + frombuffer) (ours now)",
                 lambda: pil_webp(im=pil_from_vips(small)),
+                "ours",
             ),
         ]
         encode_checks(cs, small_arr)
@@ -284,8 +288,9 @@ def build_steps(corpus: str, only: set[str] | None) -> list[Step]:
         ]
         cs.append(
             Contender(
-                "Pillow optimize, from a pyvips image",
+                "Pillow optimize, from a pyvips image (ours now)",
                 lambda: pil_jpeg(pil_from_vips(small), optimize=True),
+                "ours",
             )
         )
         if simplejpeg is not None:
@@ -318,6 +323,64 @@ def build_steps(corpus: str, only: set[str] | None) -> list[Step]:
         for c in cs:
             c.fn()
         steps.append(Step("fixed", "per-call fixed cost (16x16 JPEG encode)", cs))
+    steps += render_steps(src1200, src12mp, only)
+    return steps
+
+
+def render_steps(src1200: bytes, src12mp: bytes, only: set[str] | None) -> list[Step]:
+    """Whole renders in-process: thumbor's Pillow engine path (draft, LANCZOS, save with
+    thumbor's options) against our `transform.render` with IMAGE_PROXY_FAST_CODECS off
+    (libvips for every codec: the "libvips" column) and on."""
+    try:
+        from imgproxy import transform
+        from imgproxy.config import default_encode_options
+    except ImportError:  # run outside the project's venv
+        return []
+    transform.configure(1)
+    on = default_encode_options()
+    if not hasattr(on, "fast_codecs"):
+        return []
+    off = dataclasses.replace(on, fast_codecs=False)
+    on = dataclasses.replace(on, fast_codecs=True)
+    steps = []
+    for key, data, fmt in (
+        ("W2", src12mp, "jpeg"),
+        ("W3", src12mp, "webp"),
+        ("W5", src1200, "webp"),
+    ):
+        if only is not None and key not in only:
+            continue
+        hdr = pyvips.Image.new_from_buffer(data, "")
+        scale = 400 / max(hdr.width, hdr.height)
+        size = (round(hdr.width * scale), round(hdr.height * scale))
+
+        def thumbor(data: bytes = data, fmt: str = fmt, size: tuple[int, int] = size) -> bytes:
+            im = Image.open(io.BytesIO(data))
+            im.draft(None, size)
+            im = im.resize(size, Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            if fmt == "jpeg":
+                im.save(buf, "JPEG", quality=75, optimize=True, progressive=True)
+            else:
+                im.save(buf, "WEBP", quality=80)
+            return buf.getvalue()
+
+        def ours(data: bytes = data, fmt: str = fmt, o: Any = on) -> bytes:
+            return transform.render(data, transform.Plan("jpeg", fmt, o, 1 << 40, 400)).data
+
+        cs = [
+            Contender("thumbor's Pillow path (draft, LANCZOS, save)", thumbor, "pillow"),
+            Contender(
+                "transform.render, IMAGE_PROXY_FAST_CODECS=false", lambda r=ours: r(o=off), "vips"
+            ),
+            Contender("transform.render, fast codecs (default)", ours, "ours"),
+        ]
+        for c in cs:
+            out = c.fn()
+            img = pyvips.Image.new_from_buffer(out, "")
+            c.check = f"{img.width}x{img.height}, {len(out)} B"
+        what = f"{hdr.width}x{hdr.height} JPEG -> 400 px {fmt}"
+        steps.append(Step(key, f"render {key}: {what}", cs))
     return steps
 
 
@@ -381,15 +444,18 @@ def report(steps: list[Step], args: argparse.Namespace) -> str:
         f"VIPS_CONCURRENCY={os.environ['VIPS_CONCURRENCY']}, cache off",
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         "",
-        "| step | Pillow | libvips | libvips ÷ Pillow |",
-        "|---|---:|---:|---:|",
+        "| step | Pillow | libvips | libvips ÷ Pillow | ours now | ours ÷ Pillow |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     med = {(s.key, c.name): statistics.median(c.samples) for s in steps for c in s.contenders}
     for s in steps:
         p = next(c for c in s.contenders if c.side == "pillow")
         v = next(c for c in s.contenders if c.side == "vips")
-        mp, mv = med[s.key, p.name], med[s.key, v.name]
-        lines.append(f"| {s.title} | {ms(mp)} | {ms(mv)} | {mv / mp:.2f}× |")
+        o = next((c for c in s.contenders if c.side == "ours"), v)
+        mp, mv, mo = med[s.key, p.name], med[s.key, v.name], med[s.key, o.name]
+        lines.append(
+            f"| {s.title} | {ms(mp)} | {ms(mv)} | {mv / mp:.2f}× | {ms(mo)} | {mo / mp:.2f}× |"
+        )
     lines += ["", "All contenders (median over rounds; min–max of the round medians):", ""]
     lines += ["| step | contender | time | ÷ Pillow | rounds min–max | output |"]
     lines += ["|---|---|---:|---:|---|---|"]
@@ -425,7 +491,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=float, default=0.12, help="seconds per contender per round")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
-    ap.add_argument("--only", help="comma list of steps: dec2,dec8,lanczos,webp,jpeg,fixed")
+    ap.add_argument(
+        "--only", help="comma list of steps: dec2,dec8,lanczos,webp,jpeg,fixed,W2,W3,W5"
+    )
     ap.add_argument("--corpus", default=os.path.join(WORK, "corpus"))
     ap.add_argument("--json", help="write raw samples here")
     ap.add_argument("--seed", type=int, default=1)
