@@ -17,8 +17,7 @@ from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
 from sanic.response import BaseHTTPResponse
 
-from . import __version__, logs, params, signing, transform
-from .cache import DiskTier, MemoryTier, TieredCache
+from . import __version__, cache, flight, logs, params, signing, transform
 from .config import FORMAT_ALIASES, Settings
 from .errors import Forbidden, ImgProxyError, Overloaded, status_label
 from .httpdates import Conditional, format_date
@@ -93,21 +92,43 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
     app.error_handler.add(Exception, on_error)
+    app.register_listener(start_instance, "main_process_start")
+    app.register_listener(stop_instance, "main_process_stop")
     app.register_listener(start_worker, "before_server_start")
     app.register_listener(stop_worker, "after_server_stop")
     return app
+
+
+async def start_instance(app: Sanic[Any, Any]) -> None:
+    """Main process, before the workers are spawned: what all of them share (the render
+    permits and queue, the Redis breaker, the instance memory tier's tmpfs directory)."""
+    s: Settings = app.ctx.settings
+    shared = flight.shared_primitives(s.limits.transform_threads, s.server.workers)
+    shared["cache_breaker"] = cache.shared_breaker_state()
+    for name, value in shared.items():
+        setattr(app.shared_ctx, name, value)
+    # a worker killed mid-render cannot return its render permits: the watchdog does
+    app.ctx.on_worker_death.append(lambda index, pid: flight.release_worker(app.shared_ctx, index))
+    app.ctx.instance_dir = cache.instance.prepare(s)
+
+
+async def stop_instance(app: Sanic[Any, Any]) -> None:
+    cache.instance.remove(getattr(app.ctx, "instance_dir", None))
 
 
 async def start_worker(app: Sanic[Any, Any]) -> None:
     s: Settings = app.ctx.settings
     transform.configure(s.limits.vips_concurrency)
     m = Metrics()
-    cache = None
+    chain = None
     if s.cache.enabled:
-        disk = None
-        if s.cache.disk_enabled:
-            disk = DiskTier(s.cache.disk_path, s.cache.disk_size, m.cache_errors.labels("disk").inc)
-        cache = TieredCache(MemoryTier(s.cache.memory_size, s.cache.max_item_size), disk)
+        chain = cache.open_chain(
+            s,
+            breaker_state=getattr(app.shared_ctx, "cache_breaker", None),
+            on_error=lambda tier: m.cache_errors.labels(tier).inc(),
+            on_drop=lambda tier: m.cache_dropped.labels(tier).inc(),
+        )
+        await chain.warm_up()
     elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
     http = HttpSource(s.fallback, f"imgproxy/{__version__}") if s.fallback.url else None
@@ -116,8 +137,11 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
         metrics=m,
         executor=ThreadPoolExecutor(s.limits.transform_threads, thread_name_prefix="imgproxy-vips"),
         io_executor=ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io"),
-        cache=cache,
+        cache=chain,
         http=http,
+        admission=flight.Admission.from_shared(
+            app.shared_ctx, s.limits.transform_threads, s.limits.transform_queue
+        ),
     )
 
 
@@ -128,7 +152,7 @@ async def stop_worker(app: Sanic[Any, Any]) -> None:
         service.executor.shutdown(wait=False, cancel_futures=True)
         service.io_executor.shutdown(wait=True)
         if service.cache is not None:
-            service.cache.close()
+            await service.cache.close()
         if service.http is not None:
             await service.http.aclose()
     mark_process_dead(os.getpid())

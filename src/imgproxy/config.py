@@ -380,14 +380,14 @@ class Limits:
         "IMAGE_PROXY_TRANSFORM_THREADS",
         "",
         _or_cpus(_int(1, 64)),
-        "concurrent transforms per worker",
+        "concurrent transforms per instance (all workers together)",
         shown=CPUS,
     )
     transform_queue: int = setting(
         "IMAGE_PROXY_TRANSFORM_QUEUE",
         "64",
         _int(0, 100000),
-        "transforms waiting per worker before 503",
+        "transforms waiting per instance (all workers together) before 503",
     )
     vips_concurrency: int = setting(
         "IMAGE_PROXY_VIPS_CONCURRENCY", "1", _int(1, 64), "libvips threads per transform"
@@ -400,19 +400,25 @@ class Cache:
         "IMAGE_PROXY_ENABLE_CACHE",
         "false",
         _bool,
-        "cache transformed images (per-worker memory tier)",
+        "cache transformed images (one memory tier per instance, shared by its workers)",
     )
     memory_size: int = setting(
         "IMAGE_PROXY_CACHE_MEMORY_SIZE",
         str(100 * MiB),
         _int(0, 1 << 40),
-        "memory tier size per worker in bytes",
+        "memory tier size in bytes for the whole instance (all workers together)",
     )
     max_item_size: int = setting(
         "IMAGE_PROXY_CACHE_MAX_ITEM_SIZE",
         str(1 * MiB),
         _int(0, 1 << 40),
         "larger items skip the memory tier",
+    )
+    memory_path: str = setting(
+        "IMAGE_PROXY_CACHE_MEMORY_PATH",
+        "/dev/shm",
+        _text,
+        "tmpfs directory holding the instance memory tier (shared by the workers)",
     )
     disk_enabled: bool = setting(
         "IMAGE_PROXY_ENABLE_DISK_CACHE",

@@ -103,6 +103,12 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+        self.cache_dropped = Counter(
+            "image_cache_writes_dropped",
+            "Cache writes dropped because the tier's write queue was full (a slow disk)",
+            ["tier"],
+            registry=r,
+        )
         self.fallback = Counter(
             "image_fallback_fetches", "Fallback origin fetches by outcome", ["outcome"], registry=r
         )

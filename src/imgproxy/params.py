@@ -53,8 +53,9 @@ class TransformSpec:
     def is_passthrough(self) -> bool:
         return not self.transform
 
-    def cache_key(self, source_identity: str) -> str:
-        """Key of the rendered output: the resolved transform + the source's identity.
+    def cache_key(self, source_identity: str, output_salt: str = "") -> str:
+        """Key of the rendered output: the resolved transform + the source's identity +
+        `output_salt` (everything else that changes the bytes: encoder settings, libvips).
 
         Built from resolved values only, so `?v=3`, the raw URL spelling and a `Sec-CH-DPR`
         that `size` does not use never fragment or collide entries.
@@ -69,6 +70,7 @@ class TransformSpec:
                 algorithm,
                 "bw" if self.bw else "-",
                 source_identity,
+                output_salt,
             )
         )
         return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()

@@ -1,9 +1,10 @@
 """ImageService: one request's work, from a resolved spec to a Reply.
 
     passthrough: locate (local, else fallback) -> conditional? 304 -> bytes -> sniff -> Reply
-    transform:   locate -> key -> conditional? 304 -> cache (memory, disk) -> single-flight
-                 -> admission (bounded queue, else 503) -> executor: read, sniff, pixel
-                 limit, transform.render -> cache put -> Reply
+    transform:   locate -> key -> conditional? 304 -> cache lookup (memory, disk, redis)
+                 -> single-flight (this worker, then the instance's lease, then the fleet's
+                 lock) -> admission (the instance's bounded queue, else 503) -> executor:
+                 permit, read, sniff, pixel limit, transform.render -> cache store -> Reply
 
 Image work never runs on the event loop. Leaf modules report facts; this module turns them
 into metrics.
@@ -12,12 +13,14 @@ into metrics.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
-from . import negotiate, params, sniff, transform
-from .cache import Entry, MemoryTier, TieredCache
+from . import flight, negotiate, params, sniff, transform
+from .cache import CacheChain, Entry, MemoryTier
 from .config import Settings
 from .errors import (
     ImgProxyError,
@@ -60,7 +63,7 @@ class Reply:
     stream: OpenFile | None = None  # large passthrough file, opened, streamed by the app
     size: int = 0
     x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
-    cache_tier: str | None = None  # the tier that answered ("memory", "disk"), else None
+    cache_tier: str | None = None  # memory | disk | redis | miss, when the cache is enabled
     steps: dict[str, float] | None = None  # seconds per step when a render ran for it
 
 
@@ -71,8 +74,9 @@ class ImageService:
         metrics: Metrics,
         executor: ThreadPoolExecutor,
         io_executor: ThreadPoolExecutor,
-        cache: TieredCache | None = None,
+        cache: CacheChain | None = None,
         http: HttpSource | None = None,
+        admission: flight.Admission | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -81,11 +85,15 @@ class ImageService:
         self.cache = cache
         self.local = LocalSource(settings.images.root_path)
         self.http = http
-        self.capacity = settings.limits.transform_threads + settings.limits.transform_queue
-        self.pending = 0  # transforms submitted and not finished (running + waiting)
-        self._inflight: dict[str, asyncio.Task[tuple[Entry, dict[str, float]]]] = {}
-        self._background: set[asyncio.Future[None]] = set()
-        self._writing: dict[str, Entry] = {}  # disk writes in progress, still answerable
+        limits = settings.limits
+        self.admission = admission or flight.Admission(
+            limits.transform_threads, limits.transform_queue
+        )
+        self.flight = flight.SingleFlight()
+        # what else changes the output bytes besides the request: part of every cache key
+        self.output_salt = hashlib.sha256(
+            repr((transform.VERSION, astuple(settings.encode))).encode()
+        ).hexdigest()[:16]
         # passthrough bytes of small local files, validated by (size, mtime) on every request
         self.files = MemoryTier(settings.cache.passthrough_size, SMALL_FILE)
         self._probes: dict[str, sniff.Probe | None] = {}  # path + identity -> header facts
@@ -220,7 +228,7 @@ class ImageService:
     ) -> Reply:
         if located is None:  # else negotiation already looked it up
             located = await self.locate(spec.path)
-        key = spec.cache_key(located.identity)
+        key = spec.cache_key(located.identity, self.output_salt)
         etag = f'"{key[:40]}"'
         if cond:
             # the cheap checks first (type, file size, pixel limit from the header), so that
@@ -230,25 +238,23 @@ class ImageService:
                 ctype = sniff.CONTENT_TYPES.get(spec.format or "", "")
                 return Reply(304, ctype, etag, located.mtime)
 
-        x_cache = tier = steps = None
-        entry = None
-        if self.cache is not None:
-            entry, tier = await self._cache_get(key)
-            x_cache = "HIT" if entry is not None else "MISS"
-        if entry is None:
-            entry, steps = await self._single_flight(key, located, spec)
-        body, ctype = entry
-        return Reply(
-            200,
-            ctype,
-            etag,
-            located.mtime,
-            body=body,
-            size=len(body),
-            x_cache=x_cache,
-            cache_tier=tier,
-            steps=steps,
-        )
+        if self.cache is None:
+            (body, ctype), steps = await self.flight.run(key, lambda: self._render(located, spec))
+            return Reply(200, ctype, etag, located.mtime, body=body, size=len(body), steps=steps)
+        found = await self.cache.lookup(key)
+        for tier, hit in found.consulted:
+            self.metrics.cache.labels(tier, "hit" if hit else "miss").inc()
+        steps = None
+        if found.entry is not None:
+            body, ctype = found.entry
+        else:
+            (body, ctype), steps = await self.flight.run(
+                key, lambda: self._produce(key, located, spec)
+            )
+        reply = Reply(200, ctype, etag, located.mtime, body=body, size=len(body), steps=steps)
+        reply.x_cache = "MISS" if found.entry is None else "HIT"
+        reply.cache_tier = found.tier
+        return reply
 
     HEAD_BYTES = 64 * 1024  # JPEG dimensions sit after EXIF/ICC segments: usually < 64 KiB
 
@@ -273,54 +279,51 @@ class ImageService:
             )
         return kind
 
-    async def _cache_get(self, key: str) -> tuple[Entry | None, str | None]:
-        """The entry and the tier that answered (None: a miss in every tier)."""
+    async def _produce(self, key: str, located: Located, spec: TransformSpec) -> Made:
+        """A miss, once per worker: one render per instance (the lease), one per fleet (the
+        Redis lock); the others take its result (without step timings: they did not render)."""
         assert self.cache is not None
-        entry = self.cache.get_memory(key)
-        if entry is not None:
-            self.metrics.cache.labels("memory", "hit").inc()
-            return entry, "memory"
-        self.metrics.cache.labels("memory", "miss").inc()
-        if self.cache.disk is None or not self.cache.disk.available:
-            return None, None
-        entry = self._writing.get(key)
-        if entry is not None:  # rendered here a moment ago, on its way to disk
-            self.metrics.cache.labels("disk", "hit").inc()
-            return entry, "disk"
-        loop = asyncio.get_running_loop()
-        entry = await loop.run_in_executor(self.io_executor, self.cache.get_disk, key)
-        self.metrics.cache.labels("disk", "hit" if entry is not None else "miss").inc()
-        if entry is not None:
-            self.cache.put_memory(key, entry)  # promote
-        return entry, ("disk" if entry is not None else None)
+        cache = self.cache
+        if cache.instance_lease is None:
+            return await self._produce_here(key, located, spec)
+        return await flight.once(
+            cache.instance_lease,
+            key,
+            lambda: _taken(cache.instance_check(key)),
+            lambda: self._produce_here(key, located, spec),
+        )
 
-    async def _single_flight(
-        self, key: str, located: Located, spec: TransformSpec
-    ) -> tuple[Entry, dict[str, float]]:
-        """Identical concurrent misses share one render; the render outlives a client that
-        disconnects, so its result still reaches the cache."""
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._render_and_store(key, located, spec))
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: (self._inflight.pop(key, None), t.exception()))
-        return await asyncio.shield(task)
+    async def _produce_here(self, key: str, located: Located, spec: TransformSpec) -> Made:
+        assert self.cache is not None
+        fleet = self.cache.fleet
+        if fleet is None:
+            made = await self._render(located, spec)
+        else:
+            made = await flight.once(
+                fleet,
+                key,
+                lambda: _taken(fleet.get(key)),
+                lambda: self._render_for_fleet(key, located, spec),
+            )
+        await self.cache.store(key, made[0])  # the instance sees it before the lease goes
+        return made
 
-    async def _render_and_store(
-        self, key: str, located: Located, spec: TransformSpec
-    ) -> tuple[Entry, dict[str, float]]:
-        if self.pending >= self.capacity:
+    async def _render_for_fleet(self, key: str, located: Located, spec: TransformSpec) -> Made:
+        assert self.cache is not None and self.cache.fleet is not None
+        made = await self._render(located, spec)
+        await self.cache.fleet.put(key, made[0])  # the fleet sees it before the lock goes
+        return made
+
+    async def _render(self, located: Located, spec: TransformSpec) -> Made:
+        """Admission (a place in the instance's queue, else 503), then the executor."""
+        try:
+            self.admission.enter()
+        except Overloaded:
             self.metrics.overloaded.inc()
-            raise Overloaded()
-        self.pending += 1
-        waiting = self.pending > self.settings.limits.transform_threads
-        if waiting:
-            self.metrics.queue_depth.inc()
+            raise
         loop = asyncio.get_running_loop()
         try:
-            rendered = await loop.run_in_executor(
-                self.executor, self._render_job, located, spec, waiting
-            )
+            rendered = await loop.run_in_executor(self.executor, self._render_job, located, spec)
         except RenderFailed as exc:
             # logged here, once per render (coalesced waiters share it); the client gets
             # only the public reason from the app's error handler, which does not log
@@ -328,7 +331,7 @@ class ImageService:
             log.error("render failed for %s: %s", spec.path, cause, exc_info=exc)
             raise
         finally:
-            self.pending -= 1
+            self.admission.leave()
         for step, seconds in rendered.steps.items():
             self.metrics.steps.labels(step).observe(seconds)
         if log.isEnabledFor(logging.DEBUG):
@@ -342,23 +345,18 @@ class ImageService:
                 " ".join(f"{k}={v * 1000:.1f}ms" for k, v in rendered.steps.items()),
             )
         self.metrics.transforms.labels(rendered.format).inc()
-        entry = (rendered.data, sniff.CONTENT_TYPES[rendered.format])
-        if self.cache is not None:
-            self.cache.put_memory(key, entry)
-            if self.cache.disk is not None and self.cache.disk.available:
-                self._writing[key] = entry
-                fut = loop.run_in_executor(self.io_executor, self.cache.put_disk, key, entry)
-                self._background.add(fut)
-                fut.add_done_callback(lambda f: self._write_done(f, key))
-        return entry, rendered.steps
+        return (rendered.data, sniff.CONTENT_TYPES[rendered.format]), rendered.steps
 
-    def _write_done(self, fut: asyncio.Future[None], key: str) -> None:
-        self._background.discard(fut)
-        self._writing.pop(key, None)
-
-    def _render_job(self, located: Located, spec: TransformSpec, waiting: bool) -> Rendered:
-        """Runs in an executor thread: read (capped), sniff, check limits, transform."""
-        if waiting:
+    def _render_job(self, located: Located, spec: TransformSpec) -> Rendered:
+        """Runs in an executor thread: a render permit of the instance, then read (capped),
+        sniff, check limits, transform."""
+        self.metrics.queue_depth.inc()
+        try:
+            self.admission.acquire()
+        except Overloaded:
+            self.metrics.overloaded.inc()
+            raise
+        finally:
             self.metrics.queue_depth.dec()
         self.metrics.transforms_running.inc()
         try:
@@ -380,6 +378,7 @@ class ImageService:
             return transform.render(data, plan)
         finally:
             self.metrics.transforms_running.dec()
+            self.admission.release()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -391,5 +390,14 @@ class ImageService:
 
     async def drain(self) -> None:
         """Wait for background cache writes (called on shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.cache is not None:
+            await self.cache.drain()
+
+
+Made = tuple[Entry, dict[str, float] | None]  # a result and, when it was rendered here, its steps
+
+
+async def _taken(found: Awaitable[Entry | None]) -> Made | None:
+    """Another's result (no step timings: this request did not render)."""
+    entry = await found
+    return None if entry is None else (entry, None)

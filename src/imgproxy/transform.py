@@ -45,6 +45,12 @@ _SRGB_DESCRIPTIONS = frozenset({"sRGB", "sRGB built-in", "sRGB IEC61966-2.1"})
 _AUTO_THRESHOLD = 0.8  # auto: thumbnail when target / longest source edge < 0.8
 _AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
+# What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
+# the libvips version, and PIPELINE, bumped whenever a change here changes output bytes.
+PIPELINE = 1
+VERSION = (
+    f"libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}; pipeline {PIPELINE}"
+)
 
 
 def configure(concurrency: int) -> None:

@@ -1,0 +1,283 @@
+"""CacheChain: the tiers in lookup order, promotion, bounded write-behind, leases.
+
+    lookup:  hot (this worker's LRU) -> shared (the instance's tmpfs tier, read inline:
+             ~20 us) -> disk (a thread) -> redis (async, bounded) -> miss
+    a hit is copied into every tier above the one that answered (promotion)
+    store:   after a render: hot now; shared awaited (it is what the other workers read);
+             disk write-behind; the caller puts it into Redis while it holds the fleet lock
+
+Blocking stores are written from small thread pools through `WriteBehind`: at most
+`max_items` / `max_bytes` writes wait per store; beyond that a write is dropped (and
+counted), never queued, so a slow disk cannot grow memory. Writes still waiting answer
+lookups. `tier` names in facts and metrics: memory (hot or shared: both are the
+instance's memory tier), disk, redis, miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .fleet import FleetTier
+from .memory import Entry, MemoryTier
+from .store import Leases, Store
+
+LEASE_TTL = 3.0  # seconds; refreshed by its holder every second, expires if it dies
+POLL_FIRST, POLL_MAX = 0.002, 0.02  # waiters' poll interval on the instance lease
+STORE_WAIT = 0.1  # seconds a render waits for its write into the instance's shared tier
+MAX_DISK_READS = 16  # disk lookups waiting for a thread; beyond, the disk tier is skipped
+
+
+@dataclass(slots=True)
+class Lookup:
+    entry: Entry | None
+    tier: str  # memory | disk | redis | miss
+    consulted: list[tuple[str, bool]] = field(default_factory=list)  # (tier, hit), for metrics
+
+
+class WriteBehind:
+    """Background writes into one blocking store, bounded by count and bytes."""
+
+    def __init__(
+        self,
+        put: Callable[[str, Entry], bool],
+        executor: ThreadPoolExecutor,
+        max_items: int,
+        max_bytes: int,
+        on_drop: Callable[[], None],
+    ) -> None:
+        self.put = put
+        self.executor = executor
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.on_drop = on_drop
+        self.pending: dict[str, Entry] = {}
+        self.bytes = 0
+        self._futures: set[asyncio.Future[bool]] = set()
+
+    def get(self, key: str) -> Entry | None:
+        return self.pending.get(key)
+
+    def submit(self, key: str, entry: Entry) -> asyncio.Future[bool] | None:
+        """The write's future, or None when it was dropped (queue full) or is already
+        waiting."""
+        if key in self.pending:
+            return None
+        n = len(entry[0])
+        if len(self.pending) >= self.max_items or self.bytes + n > self.max_bytes:
+            self.on_drop()
+            return None
+        self.pending[key] = entry
+        self.bytes += n
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, self.put, key, entry)
+        self._futures.add(fut)
+        fut.add_done_callback(lambda f: self._done(f, key, n))
+        return fut
+
+    def _done(self, fut: asyncio.Future[bool], key: str, n: int) -> None:
+        self._futures.discard(fut)
+        self.pending.pop(key, None)
+        self.bytes -= n
+        if not fut.cancelled():
+            fut.exception()
+
+    async def drain(self) -> None:
+        if self._futures:
+            await asyncio.gather(*self._futures, return_exceptions=True)
+
+
+class InstanceLease:
+    """flight.Lease over the instance's diskcache leases: waiters poll on the event loop
+    (lease gone, or the value arrived in the shared tier) with short async sleeps."""
+
+    refresh_every = LEASE_TTL / 3
+    wait_max = 60.0
+
+    def __init__(self, leases: Leases, shared: Store | None, executor: ThreadPoolExecutor) -> None:
+        self.leases = leases
+        self.shared = shared
+        self.executor = executor
+
+    async def _run(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def acquire(self, key: str) -> str | None:
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        got = await self._run(self.leases.acquire, key, token, LEASE_TTL)
+        if got is None:
+            return ""  # the lease store failed: render without coordination
+        return token if got else None
+
+    async def refresh(self, key: str, token: str) -> None:
+        await self._run(self.leases.refresh, key, LEASE_TTL)
+
+    async def release(self, key: str, token: str, ok: bool) -> None:
+        await self._run(self.leases.release, key, token)
+
+    async def wait(self, key: str, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        delay = POLL_FIRST
+        while time.monotonic() < end:
+            await asyncio.sleep(delay)
+            if not self.leases.held(key):
+                return
+            if self.shared is not None and self.shared.contains(key):
+                return
+            delay = min(delay * 2, POLL_MAX)
+
+
+class CacheChain:
+    def __init__(
+        self,
+        hot: MemoryTier,
+        *,
+        shared: Store | None = None,
+        disk: Store | None = None,
+        fleet: FleetTier | None = None,
+        leases: Leases | None = None,
+        max_item: int,
+        on_drop: Callable[[str], None] = lambda tier: None,
+    ) -> None:
+        self.hot = hot
+        self.shared = shared
+        self.disk = disk
+        self.fleet = fleet
+        self.max_item = max_item
+        self._fast = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-cache")
+        self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk")
+        self.shared_writes = (
+            WriteBehind(shared.put, self._fast, 64, 32 << 20, lambda: on_drop("memory"))
+            if shared is not None
+            else None
+        )
+        self.disk_writes = (
+            WriteBehind(disk.put, self._slow, 64, 64 << 20, lambda: on_drop("disk"))
+            if disk is not None
+            else None
+        )
+        self._disk_reads = 0
+        self.instance_lease = (
+            InstanceLease(leases, shared, self._fast)
+            if leases is not None and leases.available
+            else None
+        )
+        self._leases = leases
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def _memory_get(self, key: str) -> Entry | None:
+        entry = self.hot.get(key)
+        if entry is None and self.shared is not None and self.shared.available:
+            entry = self.shared.get(key) or self._pending(self.shared_writes, key)
+            if entry is not None:
+                self.hot.put(key, entry)
+        return entry
+
+    @staticmethod
+    def _pending(writes: WriteBehind | None, key: str) -> Entry | None:
+        return writes.get(key) if writes is not None else None
+
+    async def _disk_get(self, key: str) -> Entry | None:
+        entry = self._pending(self.disk_writes, key)
+        if entry is not None or self.disk is None:
+            return entry
+        if self._disk_reads >= MAX_DISK_READS:
+            return None  # the disk is slow: skip it rather than queue behind it
+        self._disk_reads += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._slow, self.disk.get, key)
+        finally:
+            self._disk_reads -= 1
+
+    @property
+    def has_memory(self) -> bool:
+        return self.hot.max_bytes > 0 or self.shared is not None
+
+    async def lookup(self, key: str) -> Lookup:
+        consulted: list[tuple[str, bool]] = []
+        entry = self._memory_get(key)
+        if self.has_memory:
+            consulted.append(("memory", entry is not None))
+        if entry is not None:
+            return Lookup(entry, "memory", consulted)
+        if self.disk is not None and self.disk.available:
+            entry = await self._disk_get(key)
+            consulted.append(("disk", entry is not None))
+            if entry is not None:
+                self._promote(key, entry, below_memory=False)
+                return Lookup(entry, "disk", consulted)
+        if self.fleet is not None and self.fleet.breaker.closed:
+            entry = await self.fleet.get(key)
+            consulted.append(("redis", entry is not None))
+            if entry is not None:
+                self._promote(key, entry, below_memory=True)
+                return Lookup(entry, "redis", consulted)
+        return Lookup(None, "miss", consulted)
+
+    async def instance_check(self, key: str) -> Entry | None:
+        """What another worker of this instance may have stored meanwhile (for waiters)."""
+        entry = self._memory_get(key)
+        if entry is None and self.disk is not None and self.disk.available:
+            entry = await self._disk_get(key)
+            if entry is not None:
+                self.hot.put(key, entry)
+        return entry
+
+    # -- store ----------------------------------------------------------------------------
+
+    def _fits_memory(self, entry: Entry) -> bool:
+        return 0 < len(entry[0]) <= self.max_item
+
+    @staticmethod
+    def _write(
+        store: Store | None, writes: WriteBehind | None, key: str, entry: Entry
+    ) -> asyncio.Future[bool] | None:
+        if store is None or writes is None or not store.available:
+            return None
+        return writes.submit(key, entry)
+
+    def _promote(self, key: str, entry: Entry, below_memory: bool) -> None:
+        if self._fits_memory(entry):
+            self.hot.put(key, entry)
+            self._write(self.shared, self.shared_writes, key, entry)
+        if below_memory:
+            self._write(self.disk, self.disk_writes, key, entry)
+
+    async def store(self, key: str, entry: Entry) -> None:
+        """A fresh render (or a fleet result): visible to every worker of the instance when
+        this returns (the caller still holds the instance lease)."""
+        shared_write = None
+        if self._fits_memory(entry):
+            self.hot.put(key, entry)
+            shared_write = self._write(self.shared, self.shared_writes, key, entry)
+        disk_write = self._write(self.disk, self.disk_writes, key, entry)
+        # What the other workers read: the shared tier, or (memory size 0, or an item too
+        # big for memory) the disk tier. Waiting for it while the lease is still held spares
+        # them a second render; a slow disk is not waited for longer than STORE_WAIT.
+        if shared_write is None and self.instance_lease is not None:
+            shared_write = disk_write
+        if shared_write is not None:
+            await asyncio.wait({shared_write}, timeout=STORE_WAIT)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        for writes in (self.shared_writes, self.disk_writes):
+            if writes is not None:
+                await writes.drain()
+
+    async def close(self) -> None:
+        await self.drain()
+        if self.fleet is not None:
+            await self.fleet.close()
+        self._fast.shutdown(wait=True)
+        self._slow.shutdown(wait=True)
+        for store in (self.shared, self.disk, self._leases):
+            if store is not None:
+                store.close()

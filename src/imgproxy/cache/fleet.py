@@ -1,0 +1,260 @@
+"""FleetTier: the Redis/Valkey tier shared by every replica, and its single-flight lock.
+
+    get / put       one value per key: b"<content type>\\n<body>", SET ... EX ttl
+    acquire         SET lock NX PX (a Lua script that also clears the old `done` stream)
+    refresh         PEXPIRE lock, only while it is still ours (compare-and-expire)
+    release         DEL lock only if it is still ours (compare-and-delete), then XADD `done`
+    wait            XREAD BLOCK on `done` (a second client: its socket timeout is longer)
+
+Redis is never needed to answer. Every call is bounded by `asyncio.timeout` and socket
+timeouts, with retries off; a failure opens a circuit breaker (no Redis I/O while open,
+0.5 s doubling to 4 s, then one probe per worker), so a Redis that comes back is used again
+within ~4 s. The breaker's state can live in shared memory (a `multiprocessing.RawArray`
+made by the main process): one worker's failure then spares the others the timeout, and
+the instance logs one warning per outage, not one per request or per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableSequence
+from typing import Any, TypeVar
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from .memory import Entry
+
+log = logging.getLogger("imgproxy.cache")
+T = TypeVar("T")
+
+LOCK_TTL = 5.0  # seconds; the holder refreshes it, a dead holder's lock expires
+DONE_TTL_MS = 60_000  # the `done` stream outlives the lock a little, for late waiters
+WAIT_SLICE = 1.0  # one XREAD BLOCK; waiters re-check the lock and the value between
+MAX_WAITERS = 16  # blocking XREADs per worker; more waiters poll instead
+OPEN_FIRST, OPEN_MAX = 0.5, 4.0  # breaker open time: doubles per failed probe
+
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('del', KEYS[2])
+  return 1
+end
+return 0
+"""
+_REFRESH = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+redis.call('xadd', KEYS[2], 'MAXLEN', '1', '*', 'ok', ARGV[2])
+redis.call('pexpire', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Breaker state slots (a RawArray('d', 3) shared by the workers, or a plain list)
+_OPEN_UNTIL, _FAILURES, _DOWN = 0, 1, 2
+
+
+def shared_breaker_state() -> Any:
+    """Breaker state shared by the workers; call in the main process (main_process_start)."""
+    return multiprocessing.get_context("spawn").RawArray("d", 3)
+
+
+class Breaker:
+    def __init__(self, state: MutableSequence[float] | None, on_error: Callable[[], None]) -> None:
+        self.state: MutableSequence[float] = state if state is not None else [0.0, 0.0, 0.0]
+        self.on_error = on_error
+        self.probing = False
+
+    @property
+    def closed(self) -> bool:
+        return self.state[_FAILURES] == 0
+
+    def allow(self) -> bool:
+        s = self.state
+        if s[_FAILURES] == 0:
+            return True
+        if time.monotonic() < s[_OPEN_UNTIL] or self.probing:
+            return False
+        self.probing = True  # half-open: this call is the probe; the worker's others skip
+        return True
+
+    def success(self) -> None:
+        self.probing = False
+        s = self.state
+        if s[_FAILURES]:
+            s[_FAILURES] = s[_OPEN_UNTIL] = 0.0
+            if s[_DOWN]:
+                s[_DOWN] = 0.0
+                log.warning("redis cache tier is reachable again")
+
+    def failure(self, exc: BaseException) -> None:
+        self.probing = False
+        s = self.state
+        n = s[_FAILURES] + 1
+        s[_FAILURES] = n
+        s[_OPEN_UNTIL] = time.monotonic() + min(OPEN_MAX, OPEN_FIRST * 2 ** (n - 1))
+        self.on_error()
+        if not s[_DOWN]:
+            s[_DOWN] = 1.0
+            log.warning(
+                "redis cache tier unavailable, serving without it (retrying in the background): %s",
+                _describe(exc),
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _client(url: str, max_connections: int, timeout: float, read_timeout: float) -> Any:
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,  # wait for a free connection at most this long
+        socket_timeout=read_timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),  # the breaker retries, later
+        health_check_interval=0,
+    )
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
+class FleetTier:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: int,
+        prefix: str,
+        timeout: float,
+        breaker_state: MutableSequence[float] | None = None,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self.ttl = ttl
+        self.prefix = prefix
+        self.timeout = timeout
+        self.on_error = on_error or (lambda: None)
+        self.breaker = Breaker(breaker_state, self.on_error)
+        self.refresh_every = LOCK_TTL / 3
+        self.wait_max = 30.0  # a live, slow lock holder elsewhere: then render here anyway
+        self._r = _client(url, 64, timeout, timeout)
+        self._w = _client(url, MAX_WAITERS, timeout, WAIT_SLICE + timeout)
+        self._acquire = self._r.register_script(_ACQUIRE)
+        self._refresh = self._r.register_script(_REFRESH)
+        self._release = self._r.register_script(_RELEASE)
+        self._waiters = asyncio.Semaphore(MAX_WAITERS)
+        self._full_warned = False
+
+    # -- keys: one hash tag per image, so a Redis Cluster keeps value, lock and stream together
+
+    def _keys(self, key: str) -> tuple[str, str, str]:
+        base = f"{self.prefix}{{{key}}}"
+        return base, base + ":lock", base + ":done"
+
+    async def _call(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None, **kw: Any
+    ) -> T | None:
+        """`fn(*args)` within the timeout, or None (counted, breaker opened) if Redis fails."""
+        if not self.breaker.allow():
+            return None
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                result = await fn(*args, **kw)
+        except ResponseError as exc:  # the server answered: full (noeviction OOM), ...
+            self.breaker.success()
+            self.on_error()
+            if not self._full_warned:
+                self._full_warned = True
+                log.warning("redis cache tier refused a command: %s", _describe(exc))
+            return None
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure(exc)
+            await self._drop_idle_connections()
+            return None
+        self.breaker.success()
+        return result
+
+    async def _drop_idle_connections(self) -> None:
+        """After a failure every pooled connection is suspect (a restarted server closed
+        them): reconnect fresh on the next probe instead of failing once per connection."""
+        for client in (self._r, self._w):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.timeout):
+                    await client.connection_pool.disconnect(inuse_connections=False)
+
+    # -- values ---------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Entry | None:
+        raw = await self._call(self._r.get, self._keys(key)[0])
+        if not isinstance(raw, bytes):
+            return None
+        ctype, sep, body = raw.partition(b"\n")
+        if not sep or not body or not ctype.startswith(b"image/"):
+            return None
+        return body, ctype.decode("ascii", "replace")
+
+    async def put(self, key: str, entry: Entry) -> bool:
+        body, ctype = entry
+        value = ctype.encode("ascii") + b"\n" + body
+        timeout = self.timeout + len(value) / 50e6  # a big value takes longer to send
+        done = await self._call(
+            self._r.set, self._keys(key)[0], value, ex=self.ttl, timeout=timeout
+        )
+        return bool(done)
+
+    # -- the fleet-wide single-flight lock (flight.Lease) ----------------------------------
+
+    async def acquire(self, key: str) -> str | None:
+        """A token if the lock is ours, None if another holds it, "" if Redis is unusable
+        (then the caller renders without coordination)."""
+        _, lock, done = self._keys(key)
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        got = await self._call(self._acquire, keys=[lock, done], args=[token, int(LOCK_TTL * 1000)])
+        if got is None:
+            return ""
+        return token if got == 1 else None
+
+    async def refresh(self, key: str, token: str) -> None:
+        _, lock, _ = self._keys(key)
+        await self._call(self._refresh, keys=[lock], args=[token, int(LOCK_TTL * 1000)])
+
+    async def release(self, key: str, token: str, ok: bool) -> None:
+        _, lock, done = self._keys(key)
+        args = [token, 1 if ok else 0, DONE_TTL_MS]
+        await self._call(self._release, keys=[lock, done], args=args)
+
+    async def wait(self, key: str, seconds: float) -> None:
+        """Until the lock holder announces its result (or failure), or `seconds` pass."""
+        seconds = min(seconds, WAIT_SLICE)
+        if seconds <= 0:
+            return
+        if self._waiters.locked() or not self.breaker.closed:
+            await asyncio.sleep(min(seconds, 0.05))  # poll: the caller re-checks the value
+            return
+        _, _, done = self._keys(key)
+        async with self._waiters:
+            await self._call(
+                self._w.xread,
+                {done: "0-0"},
+                count=1,
+                block=max(1, int(seconds * 1000)),
+                timeout=seconds + self.timeout,
+            )
+
+    async def close(self) -> None:
+        for client in (self._r, self._w):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await client.aclose()
