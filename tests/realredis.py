@@ -39,15 +39,15 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
     def start(self) -> None:
+        args = {"port": str(self.port), "bind": "127.0.0.1", "save": "", "appendonly": "no"}
+        argv = [
+            BINARY,
+            *(x for k, v in args.items() for x in (f"--{k}", v)),
+            "--dir",
+            str(self.dir),
+        ]
         self.proc = subprocess.Popen(
-            [
-                BINARY,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.dir),
-            ],  # fmt: skip
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -72,9 +72,7 @@ def test_a_render_by_any_worker_is_a_hit_for_every_worker(images: Path, tmp_path
     assert instance_dirs() - before == set()  # removed at shutdown
 
 
-def test_concurrent_identical_misses_render_once_per_instance(
-    images: Path, tmp_path: Path
-) -> None:
+def test_concurrent_identical_misses_render_once_per_instance(images: Path, tmp_path: Path) -> None:
     url = "/a.jpg?size=700&format=avif&resize_algorithm=lanczos3"
     with subprocess_server(env(images, tmp_path)) as (server, _):
         with concurrent.futures.ThreadPoolExecutor(20) as pool:

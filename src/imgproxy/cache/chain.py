@@ -267,6 +267,10 @@ class CacheChain:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    async def warm_up(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.warm_up()
+
     async def drain(self) -> None:
         for writes in (self.shared_writes, self.disk_writes):
             if writes is not None:

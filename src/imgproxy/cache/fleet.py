@@ -253,6 +253,16 @@ class FleetTier:
                 timeout=seconds + self.timeout,
             )
 
+    async def warm_up(self) -> None:
+        """At worker start: connect and load the scripts, so the first burst of requests
+        does not pay connection set-up and NOSCRIPT round trips inside its timeouts."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(1.0, self.timeout)):
+                await self._r.ping()
+                await self._w.ping()
+                for script in (self._acquire, self._refresh, self._release):
+                    await self._r.script_load(script.script)
+
     async def close(self) -> None:
         for client in (self._r, self._w):
             with contextlib.suppress(Exception):

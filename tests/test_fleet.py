@@ -1,0 +1,168 @@
+"""The fleet tier: two instances (`python -m imgproxy`, 2 workers each) sharing a real
+`redis-server`. Renders are shared and single-flighted across the fleet; Redis killed or
+frozen mid-traffic never costs a request (one warning, a counter), and a Redis that comes
+back is used again."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from conftest import Server, metric_total, photo, raw_request, subprocess_server
+from realredis import RedisServer, redis_server
+
+pytestmark = pytest.mark.slow
+__all__ = ["redis_server"]  # the fixture
+
+
+def scrape(server: Server, name: str, **labels: str) -> float:
+    return metric_total(raw_request(server.port, "/metrics").text, name, **labels)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    photo(800, 600).jpegsave(str(root / "a.jpg"))
+    return root
+
+
+def env(root: Path, prom: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "IMAGE_PROXY_ROOT_PATH": str(root),
+        "IMAGE_PROXY_WORKERS": "2",
+        "IMAGE_PROXY_ENABLE_CACHE": "true",
+        "IMAGE_PROXY_REDIS_URL": redis_url,
+        "PROMETHEUS_MULTIPROC_DIR": str(prom),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def two_instances(
+    images: Path, tmp_path: Path, redis: RedisServer, **extra: str
+) -> Iterator[tuple[Server, Server]]:
+    with (
+        subprocess_server(env(images, tmp_path / "prom-a", redis.url, **extra)) as (a, _),
+        subprocess_server(env(images, tmp_path / "prom-b", redis.url, **extra)) as (b, _),
+    ):
+        yield a, b
+
+
+def test_replicas_share_renders_through_redis(
+    images: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    extra = {"IMAGE_PROXY_REDIS_TTL": "1000", "IMAGE_PROXY_REDIS_PREFIX": "img-test:"}
+    with two_instances(images, tmp_path, redis_server, **extra) as (a, b):
+        # fleet single-flight: 20 identical concurrent misses split over both -> 1 render
+        url = "/a.jpg?size=700&format=avif&resize_algorithm=lanczos3"
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda i: raw_request((a, b)[i % 2].port, url), range(20)))
+        assert {r.status for r in answers} == {200}
+        assert len({r.body for r in answers}) == 1
+        assert scrape(a, "image_transforms_total") + scrape(b, "image_transforms_total") == 1
+
+        # a render on one replica is a HIT on the other, from Redis
+        first = raw_request(a.port, "/a.jpg?size=150&format=webp")
+        again = raw_request(b.port, "/a.jpg?size=150&format=webp")
+        assert first.headers["x-cache"] == "MISS" and again.headers["x-cache"] == "HIT"
+        assert again.body == first.body and again.headers["etag"] == first.headers["etag"]
+        assert pyvips.Image.new_from_buffer(again.body, "").width == 150
+        assert scrape(b, "image_cache_lookups_total", tier="redis", result="hit") >= 1
+        assert scrape(a, "image_transforms_total") + scrape(b, "image_transforms_total") == 2
+
+        # keys carry the prefix, values the TTL
+        client = redis_server.client()
+        keys = [k.decode() for k in client.keys("*")]
+        assert keys and all(k.startswith("img-test:") for k in keys)
+        values = [k for k in keys if not k.endswith((":lock", ":done"))]
+        assert len(values) == 2
+        assert all(0 < client.ttl(k) <= 1000 for k in values)
+
+
+class Load:
+    """Requests for new renders (so every one asks Redis) in a background thread."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.n = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.n += 1
+            url = f"/a.jpg?size={20 + self.n}&format=jpeg"
+            self.statuses.append(raw_request(self.server.port, url).status)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def wait(self, requests: int) -> None:
+        end = self.n + requests
+        while self.n < end:
+            time.sleep(0.01)
+
+
+def warnings(output: str) -> int:
+    return len(re.findall(r"redis cache tier unavailable", output))
+
+
+def used_again(redis: RedisServer, server: Server, within: float = 10.0) -> bool:
+    """A new render reaches Redis within `within` seconds (asking now and then)."""
+    client = redis.client()
+    client.flushall()
+    deadline = time.monotonic() + within
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        raw_request(server.port, f"/a.jpg?size={500 + n}&format=png")
+        if any(not k.endswith((b":lock", b":done")) for k in client.keys("*")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("outage", ["killed", "frozen"])
+def test_redis_outage_costs_no_request(
+    images: Path, tmp_path: Path, redis_server: RedisServer, outage: str
+) -> None:
+    # a timeout above this shared machine's scheduling noise, so the one warning is the outage's
+    extra = {"IMAGE_PROXY_REDIS_TIMEOUT": "0.5"}
+    with subprocess_server(env(images, tmp_path / "prom", redis_server.url, **extra)) as (
+        server,
+        proc,
+    ):
+        with Load(server) as load:
+            load.wait(10)
+            if outage == "killed":
+                redis_server.kill()
+            else:
+                redis_server.pause()
+            load.wait(40)
+            if outage == "killed":
+                redis_server.start()  # same port, empty
+            else:
+                redis_server.resume()
+            load.wait(5)
+        assert load.statuses and set(load.statuses) == {200}
+        assert scrape(server, "image_cache_errors_total", tier="redis") >= 1
+        assert used_again(redis_server, server), "Redis was not used again within 10 s"
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert warnings(output) == 1, output
+    serving = output.split("Received signal SIGTERM")[0]  # Sanic's own shutdown races aside
+    assert "Traceback" not in serving and "ERROR" not in serving
