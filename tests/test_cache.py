@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -185,3 +186,47 @@ def test_single_flight(serve: Callable[..., Server], images: Path) -> None:
     assert {r.status for r in responses} == {200}
     assert len({r.body for r in responses}) == 1
     assert metric(s, "image_transforms_total") == 1
+
+
+def test_encoder_settings_are_part_of_the_key(
+    serve: Callable[..., Server], images: Path, tmp_path: Path
+) -> None:
+    """The disk tier outlives a restart: a quality change must not serve the old bytes."""
+    env = disk_env(tmp_path / "cache")
+    url = "/a.jpg?size=200&format=jpeg"
+    before = serve(images, **env).get(url)
+    wait_for_disk_write(tmp_path / "cache")
+    same = serve(images, **env).get(url)  # another process, same settings: the disk's bytes
+    assert same.headers["x-cache"] == "HIT" and same.body == before.body
+    lower = serve(images, IMAGE_PROXY_JPEG_QUALITY="30", **env).get(url)
+    assert lower.headers["x-cache"] == "MISS"
+    assert lower.headers["etag"] != before.headers["etag"]
+    assert lower.body != before.body and len(lower.body) < len(before.body)
+    webp = {**env, "IMAGE_PROXY_WEBP_LOSSLESS": "true"}
+    assert serve(images, **webp).get(url).headers["x-cache"] == "MISS"  # any encoder field
+
+
+def test_slow_disk_drops_writes_instead_of_queueing_them(
+    serve: Callable[..., Server], images: Path, tmp_path: Path
+) -> None:
+    """With the disk tier's SQLite write lock held elsewhere, every write waits out its busy
+    timeout: the writes waiting stay bounded (the extra ones are dropped and counted), and
+    every request is still answered."""
+    cache_dir = tmp_path / "cache"
+    s = serve(images, **{**disk_env(cache_dir), "IMAGE_PROXY_CACHE_MEMORY_SIZE": "10000000"})
+    assert s.app is not None
+    chain = s.app.ctx.service.cache
+    blocker = sqlite3.connect(str(cache_dir / "cache.db"), isolation_level=None, timeout=5)
+    blocker.execute("BEGIN IMMEDIATE")  # a writer that never finishes
+    try:
+        most = 0
+        for i in range(120):
+            r = s.get(f"/b.jpg?size={10 + i}&format=png")
+            assert r.status == 200 and pyvips.Image.new_from_buffer(r.body, "").width == 10 + i
+            most = max(most, len(chain.disk_writes.pending))
+        assert most <= chain.disk_writes.max_items
+        assert metric(s, "image_cache_writes_dropped_total", tier="disk") >= 1
+        assert s.get("/b.jpg?size=10&format=png").headers["x-cache"] == "HIT"  # memory
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

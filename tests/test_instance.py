@@ -143,3 +143,16 @@ def test_a_waiter_renders_when_the_leader_dies(images: Path, tmp_path: Path) -> 
         answer = raw_request(server.port, url)
         assert answer.status == 200
         assert pyvips.Image.new_from_buffer(answer.body, "").width == 2400
+
+
+def test_no_usable_tmpfs_degrades_to_per_worker_memory(images: Path, tmp_path: Path) -> None:
+    extra = {"IMAGE_PROXY_CACHE_MEMORY_PATH": str(tmp_path / "missing")}
+    with subprocess_server(env(images, tmp_path, **extra)) as (server, proc):
+        answers = [raw_request(server.port, "/a.jpg?size=90&format=png") for _ in range(10)]
+        assert {a.status for a in answers} == {200}
+        assert answers[0].headers["x-cache"] == "MISS" and "HIT" in {
+            a.headers["x-cache"] for a in answers
+        }
+        assert scrape(server, "image_transforms_total") <= 2  # at most once per worker
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert output.count("instance memory tier unavailable") == 1, output

@@ -148,8 +148,11 @@ class CacheChain:
         self.disk = disk
         self.fleet = fleet
         self.max_item = max_item
+        # tmpfs writes and leases; disk reads; disk writes: a disk that is slow to write
+        # (busy, or its SQLite write lock held) never delays a lookup
         self._fast = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-cache")
-        self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk")
+        self._reads = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-read")
+        self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-write")
         self.shared_writes = (
             WriteBehind(shared.put, self._fast, 64, 32 << 20, lambda: on_drop("memory"))
             if shared is not None
@@ -191,7 +194,7 @@ class CacheChain:
         self._disk_reads += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._slow, self.disk.get, key)
+            return await loop.run_in_executor(self._reads, self.disk.get, key)
         finally:
             self._disk_reads -= 1
 
@@ -280,8 +283,8 @@ class CacheChain:
         await self.drain()
         if self.fleet is not None:
             await self.fleet.close()
-        self._fast.shutdown(wait=True)
-        self._slow.shutdown(wait=True)
+        for pool in (self._fast, self._reads, self._slow):
+            pool.shutdown(wait=True)
         for store in (self.shared, self.disk, self._leases):
             if store is not None:
                 store.close()
