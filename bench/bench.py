@@ -20,9 +20,11 @@ Floors, in-process, no HTTP, 2 processes x 1 libvips thread (like the shared raw
 `ours/render` is the HTTP overhead + scheduling loss; `ours/decode` shows how far we are from
 the bare decode.
 
-Cache section: W1 passthrough, W6 with the memory tier (IMAGE_PROXY_ENABLE_CACHE=true) and W6
-with the disk tier only (memory tier 0 bytes), each as a ratio to the W1 passthrough req/s, and
-to nginx static W1 when nginx is installed (it is started on 127.0.0.1 with a temp config).
+Cache section: W1 passthrough, W6 with the memory tier (IMAGE_PROXY_ENABLE_CACHE=true), W6
+with the disk tier only (memory tier 0 bytes), W6-inst (instance tmpfs tier hits: 40 URLs over a
+2 MiB budget) and W6-redis (memory 0, a local redis-server: Redis-tier hits), each as a ratio to
+the W1 passthrough req/s, and to nginx static W1 when nginx is installed (it is started on
+127.0.0.1 with a temp config). `--only-cache W6-mem,W6-inst` picks rows.
 
 Everything bulky lives in /tmp/imgproxy-bench (corpus, paths, logs). Needs `wrk` (apt).
 """
@@ -99,6 +101,19 @@ CACHE_WORKLOADS = {
             "IMAGE_PROXY_ENABLE_DISK_CACHE": "true",
         },
         "W6, disk-tier hit (memory tier 0)",
+    ),
+    # 40 URLs over a 2 MiB budget: each worker's hot tier holds 128 KiB (~8 answers), so most
+    # answers come from the instance's shared tmpfs tier
+    "W6-inst": (
+        "/photo-1200.jpg?size={size}&format=webp",
+        {"IMAGE_PROXY_ENABLE_CACHE": "true", "IMAGE_PROXY_CACHE_MEMORY_SIZE": str(2 << 20)},
+        "W5 URLs, instance-tier (tmpfs) hits, hot tier ~8 items",
+    ),
+    # memory tier 0: every request a Redis GET (a redis-server is started for it)
+    "W6-redis": (
+        "/photo-1200.jpg?size=400&format=webp",
+        {"IMAGE_PROXY_ENABLE_CACHE": "true", "IMAGE_PROXY_CACHE_MEMORY_SIZE": "0"},
+        "W6, Redis-tier hit (memory tier 0)",
     ),
 }
 SLOW = {"W4": 3}  # duration multiplier (AVIF: few requests per second)
@@ -320,6 +335,29 @@ class Nginx:
 
     def stop(self) -> None:
         with_suppress_kill(self.pgid)
+        self.proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1 for the Redis-tier row: no persistence, a temp dir."""
+
+    def __init__(self, port: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="redis-", dir=WORK)
+        self.port = port
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        self.proc = subprocess.Popen(
+            [*argv, "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        if not wait_port(port, 10):
+            self.stop()
+            raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        with_suppress_kill(self.proc.pid)
         self.proc.wait(timeout=5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -694,6 +732,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="1 s, W1 + W5 only: CI liveness check")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for our server")
     ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--only-cache", help="comma list of cache rows (W6-miss,W6-mem,...)")
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--floor-procs", type=int, default=2)
     ap.add_argument(
@@ -750,14 +789,24 @@ def main() -> int:
             with Server(a.corpus, env_extra, os.path.join(WORK, "server-W1.log"), port) as srv:
                 cache["W1"] = measure(port, srv.pgid, WORKLOADS["W1"][0], a.duration, a.warmup)
             for cid, (template, env, _desc) in CACHE_WORKLOADS.items():
+                if a.only_cache and cid not in a.only_cache.split(","):
+                    continue
                 port = free_port()
                 env = {**env, **env_extra}
+                redis = None
+                if cid == "W6-redis":
+                    if not shutil.which("redis-server"):
+                        continue
+                    redis = RedisServer(free_port())
+                    env["IMAGE_PROXY_REDIS_URL"] = f"redis://127.0.0.1:{redis.port}/0"
                 if "IMAGE_PROXY_ENABLE_DISK_CACHE" in env:
                     env["IMAGE_PROXY_CACHE_DISK_PATH"] = tempfile.mkdtemp(prefix="disk-", dir=WORK)
                 with Server(a.corpus, env, os.path.join(WORK, f"server-{cid}.log"), port) as srv:
                     cache[cid] = measure(port, srv.pgid, template, a.duration, a.warmup)
                 if "IMAGE_PROXY_CACHE_DISK_PATH" in env:
                     shutil.rmtree(env["IMAGE_PROXY_CACHE_DISK_PATH"], ignore_errors=True)
+                if redis is not None:
+                    redis.stop()
             for cid, (template, env, hdrs, _desc) in NEGOTIATED_WORKLOADS.items():
                 port = free_port()
                 log = os.path.join(WORK, f"server-{cid}.log")

@@ -7,9 +7,9 @@
     wait            XREAD BLOCK on `done` (a second client: its socket timeout is longer)
 
 Redis is never needed to answer. Every call is bounded by `asyncio.timeout` and socket
-timeouts, with retries off; a failure opens a circuit breaker (no Redis I/O while open,
-0.5 s doubling to 4 s, then one probe per worker), so a Redis that comes back is used again
-within ~4 s. The breaker's state can live in shared memory (a `multiprocessing.RawArray`
+timeouts, with retries off; two failures in a row open a circuit breaker (no Redis I/O
+while open, 0.5 s doubling to 4 s, then one probe per worker), so a Redis that comes back
+is used again within ~4 s. The breaker's state can live in shared memory (a `multiprocessing.RawArray`
 made by the main process): one worker's failure then spares the others the timeout, and
 the instance logs one warning per outage, not one per request or per worker.
 """
@@ -70,6 +70,12 @@ def shared_breaker_state() -> Any:
 
 
 class Breaker:
+    """Closed until TRIP consecutive failures (one slow answer on a busy machine is not an
+    outage); then open for 0.5 s, doubling up to 4 s per failed probe; half-open: one call
+    per worker probes, a success closes it."""
+
+    TRIP = 2
+
     def __init__(self, state: MutableSequence[float] | None, on_error: Callable[[], None]) -> None:
         self.state: MutableSequence[float] = state if state is not None else [0.0, 0.0, 0.0]
         self.on_error = on_error
@@ -77,11 +83,11 @@ class Breaker:
 
     @property
     def closed(self) -> bool:
-        return self.state[_FAILURES] == 0
+        return self.state[_FAILURES] < self.TRIP
 
     def allow(self) -> bool:
         s = self.state
-        if s[_FAILURES] == 0:
+        if s[_FAILURES] < self.TRIP:
             return True
         if time.monotonic() < s[_OPEN_UNTIL] or self.probing:
             return False
@@ -99,11 +105,13 @@ class Breaker:
 
     def failure(self, exc: BaseException) -> None:
         self.probing = False
+        self.on_error()
         s = self.state
         n = s[_FAILURES] + 1
         s[_FAILURES] = n
-        s[_OPEN_UNTIL] = time.monotonic() + min(OPEN_MAX, OPEN_FIRST * 2 ** (n - 1))
-        self.on_error()
+        if n < self.TRIP:
+            return
+        s[_OPEN_UNTIL] = time.monotonic() + min(OPEN_MAX, OPEN_FIRST * 2 ** (n - self.TRIP))
         if not s[_DOWN]:
             s[_DOWN] = 1.0
             log.warning(
@@ -217,14 +225,13 @@ class FleetTier:
     # -- the fleet-wide single-flight lock (flight.Lease) ----------------------------------
 
     async def acquire(self, key: str) -> str | None:
-        """A token if the lock is ours, None if another holds it, "" if Redis is unusable
-        (then the caller renders without coordination)."""
+        """A token if the lock is (or may be) ours, None if another holds it. When the call
+        fails the SET may still have landed: the caller renders and releases with the
+        token all the same (a compare-and-delete, harmless if the lock is not ours)."""
         _, lock, done = self._keys(key)
         token = f"{os.getpid()}-{secrets.token_hex(8)}"
         got = await self._call(self._acquire, keys=[lock, done], args=[token, int(LOCK_TTL * 1000)])
-        if got is None:
-            return ""
-        return token if got == 1 else None
+        return None if got == 0 else token
 
     async def refresh(self, key: str, token: str) -> None:
         _, lock, _ = self._keys(key)
