@@ -154,12 +154,12 @@ class CacheChain:
         self._reads = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-read")
         self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-write")
         self.shared_writes = (
-            WriteBehind(shared.put, self._fast, 64, 32 << 20, lambda: on_drop("memory"))
+            WriteBehind(shared.put, self._fast, 64, 16 << 20, lambda: on_drop("memory"))
             if shared is not None
             else None
         )
         self.disk_writes = (
-            WriteBehind(disk.put, self._slow, 64, 64 << 20, lambda: on_drop("disk"))
+            WriteBehind(disk.put, self._slow, 64, 32 << 20, lambda: on_drop("disk"))
             if disk is not None
             else None
         )
