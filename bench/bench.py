@@ -22,7 +22,7 @@ the bare decode.
 
 Cache section: W1 passthrough, W6 with the memory tier (IMAGE_PROXY_ENABLE_CACHE=true), W6
 with the disk tier only (memory tier 0 bytes), W6-inst (instance tmpfs tier hits: 40 URLs over a
-2 MiB budget) and W6-redis (memory 0, a local redis-server: Redis-tier hits), each as a ratio to
+4 MiB budget) and W6-redis (memory 0, a local redis-server: Redis-tier hits), each as a ratio to
 the W1 passthrough req/s, and to nginx static W1 when nginx is installed (it is started on
 127.0.0.1 with a temp config). `--only-cache W6-mem,W6-inst` picks rows.
 
@@ -102,12 +102,12 @@ CACHE_WORKLOADS = {
         },
         "W6, disk-tier hit (memory tier 0)",
     ),
-    # 40 URLs over a 2 MiB budget: each worker's hot tier holds 128 KiB (~8 answers), so most
-    # answers come from the instance's shared tmpfs tier
+    # 40 URLs (~23 KB each) over a 4 MiB budget: each worker's hot tier holds 256 KiB (~11
+    # answers), the shared tmpfs tier all 40, so most answers come from the shared tier
     "W6-inst": (
         "/photo-1200.jpg?size={size}&format=webp",
-        {"IMAGE_PROXY_ENABLE_CACHE": "true", "IMAGE_PROXY_CACHE_MEMORY_SIZE": str(2 << 20)},
-        "W5 URLs, instance-tier (tmpfs) hits, hot tier ~8 items",
+        {"IMAGE_PROXY_ENABLE_CACHE": "true", "IMAGE_PROXY_CACHE_MEMORY_SIZE": str(4 << 20)},
+        "W5 URLs, instance-tier (tmpfs) hits, hot tier ~11 items",
     ),
     # memory tier 0: every request a Redis GET (a redis-server is started for it)
     "W6-redis": (
