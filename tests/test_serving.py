@@ -298,8 +298,11 @@ def test_health_and_metrics(server: Server) -> None:
         ("/alpha.png", "png"),
         ("/missing.JPG", "jpg"),
         ("/noextension", "unknown"),
-        ("/notes.txt", "other"),
-        ("/landscape.jpg?format=bogus", "other"),
+        ("/notes.txt", "txt"),
+        ("/photo.GIF", "gif"),
+        ("/landscape.jpg?format=bogus", "bogus"),
+        ("/landscape.jpg?format=" + "x" * 11, "other"),
+        ("/a.ph%20p", "other"),
     ],
     ids=lambda v: v,
 )

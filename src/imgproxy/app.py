@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,7 +19,7 @@ from sanic.exceptions import BadURL, SanicException
 from sanic.response import BaseHTTPResponse
 
 from . import __version__, cache, flight, logs, params, signing, transform
-from .config import FORMAT_ALIASES, Settings
+from .config import Settings
 from .errors import Forbidden, ImgProxyError, Overloaded, status_label
 from .httpdates import Conditional, format_date
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -167,14 +168,15 @@ async def metrics(request: Request) -> HTTPResponse:
     return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
 
 
-_LABEL_FORMATS = frozenset(FORMAT_ALIASES)  # avif jpeg jpg png webp, spelled as asked
+_LABEL = re.compile(r"[a-z0-9]{1,10}")  # what a format or file extension can look like
 
 
 def _format_label(path: str, asked: str | None) -> str:
-    """`format` of image_requests_total, as the original: the `format` parameter lowercased
-    (`jpg` stays `jpg`) or the negotiated format, else the file's extension lowercased,
-    `unknown` without one. Values outside the five names become `other`, so a client cannot
-    mint label values."""
+    """`format` of image_requests_total, exactly as the original: the `format` parameter
+    lowercased (`jpg` stays `jpg`) or the negotiated format, else the file's extension
+    lowercased (`photo.JPG` -> `jpg`, `notes.txt` -> `txt`), `unknown` without one. A value
+    that cannot be a format name (over 10 characters, or not [a-z0-9]) becomes `other`: a
+    client cannot mint arbitrarily long label values."""
     if asked:
         value = asked.lower()
     else:
@@ -182,7 +184,7 @@ def _format_label(path: str, asked: str | None) -> str:
         if "." not in name:
             return "unknown"
         value = name.rpartition(".")[2].lower()
-    return value if value in _LABEL_FORMATS else "other"
+    return value if _LABEL.fullmatch(value) else "other"
 
 
 async def image(request: Request, path: str) -> HTTPResponse:
