@@ -16,15 +16,11 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from conftest import Server, metric_total, photo, raw_request, subprocess_server
+from conftest import Server, photo, raw_request, subprocess_server
 from realredis import RedisServer, redis_server
 
 pytestmark = pytest.mark.slow
 __all__ = ["redis_server"]  # the fixture
-
-
-def scrape(server: Server, name: str, **labels: str) -> float:
-    return metric_total(raw_request(server.port, "/metrics").text, name, **labels)
 
 
 @pytest.fixture
@@ -68,7 +64,7 @@ def test_replicas_share_renders_through_redis(
             answers = list(pool.map(lambda i: raw_request((a, b)[i % 2].port, url), range(20)))
         assert {r.status for r in answers} == {200}
         assert len({r.body for r in answers}) == 1
-        assert scrape(a, "image_transforms_total") + scrape(b, "image_transforms_total") == 1
+        assert a.metric("image_transforms_total") + b.metric("image_transforms_total") == 1
 
         # a render on one replica is a HIT on the other, from Redis
         first = raw_request(a.port, "/a.jpg?size=150&format=webp")
@@ -76,8 +72,8 @@ def test_replicas_share_renders_through_redis(
         assert first.headers["x-cache"] == "MISS" and again.headers["x-cache"] == "HIT"
         assert again.body == first.body and again.headers["etag"] == first.headers["etag"]
         assert pyvips.Image.new_from_buffer(again.body, "").width == 150
-        assert scrape(b, "image_cache_lookups_total", tier="redis", result="hit") >= 1
-        assert scrape(a, "image_transforms_total") + scrape(b, "image_transforms_total") == 2
+        assert b.metric("image_cache_lookups_total", tier="redis", result="hit") >= 1
+        assert a.metric("image_transforms_total") + b.metric("image_transforms_total") == 2
 
         # keys carry the prefix, values the TTL
         client = redis_server.client()
@@ -160,7 +156,7 @@ def test_redis_outage_costs_no_request(
                 redis_server.resume()
             load.wait(5)
         assert load.statuses and set(load.statuses) == {200}
-        assert scrape(server, "image_cache_errors_total", tier="redis") >= 1
+        assert server.metric("image_cache_errors_total", tier="redis") >= 1
         assert used_again(redis_server, server), "Redis was not used again within 10 s"
     output = "".join(server.output)
     assert warnings(output) == 1, output

@@ -17,13 +17,9 @@ import diskcache
 import pytest
 import pyvips
 
-from conftest import Server, metric_total, photo, raw_request, subprocess_server
+from conftest import photo, raw_request, subprocess_server
 
 pytestmark = pytest.mark.slow
-
-
-def scrape(server: Server, name: str, **labels: str) -> float:
-    return metric_total(raw_request(server.port, "/metrics").text, name, **labels)
 
 
 @pytest.fixture
@@ -73,7 +69,7 @@ def test_a_render_by_any_worker_is_a_hit_for_every_worker(images: Path, tmp_path
         assert served(prom, proc.pid) == 2, "one worker answered all"
         assert {a.headers["x-cache"] for a in answers} == {"HIT"}
         assert {a.body for a in answers} == {first.body}
-        assert scrape(server, "image_transforms_total") == 1
+        assert server.metric("image_transforms_total") == 1
     assert instance_dirs() - before == set()  # removed at shutdown
 
 
@@ -85,7 +81,7 @@ def test_concurrent_identical_misses_render_once_per_instance(images: Path, tmp_
         assert {a.status for a in answers} == {200}
         assert len({a.body for a in answers}) == 1
         assert pyvips.Image.new_from_buffer(answers[0].body, "").width == 700
-        assert scrape(server, "image_transforms_total") == 1
+        assert server.metric("image_transforms_total") == 1
 
 
 def test_admission_is_per_instance(images: Path, tmp_path: Path) -> None:
@@ -162,6 +158,6 @@ def test_no_usable_tmpfs_degrades_to_per_worker_memory(images: Path, tmp_path: P
         assert answers[0].headers["x-cache"] == "MISS" and "HIT" in {
             a.headers["x-cache"] for a in answers
         }
-        assert scrape(server, "image_transforms_total") <= 2  # at most once per worker
+        assert server.metric("image_transforms_total") <= 2  # at most once per worker
     output = "".join(server.output)
     assert output.count("instance memory tier unavailable") == 1, output

@@ -190,7 +190,6 @@ def _format_label(path: str, asked: str | None) -> str:
 async def image(request: Request, path: str) -> HTTPResponse:
     service: ImageService = request.app.ctx.service
     settings: Settings = request.app.ctx.settings
-    started = time.perf_counter()
     request.ctx.reply = None  # an image request: finish_response adds Server-Timing
     service.metrics.in_flight.inc()
     reply: Reply | None = None
@@ -226,7 +225,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
         _format_label(path, negotiated or request.args.get("format")),
         status_label(status),
         kind,
-        time.perf_counter() - started,
+        time.perf_counter() - request.ctx.started,  # set by begin_request
         sent,
     )
     return response
