@@ -265,10 +265,16 @@ def server(serve: Callable[..., Server]) -> Server:
 
 @contextlib.contextmanager
 def subprocess_server(
-    env: dict[str, str], cmd: list[str] | None = None, timeout: float = 60
+    env: dict[str, str],
+    cmd: list[str] | None = None,
+    timeout: float = 60,
+    healthy: bool = True,
 ) -> Iterator[tuple[Server, subprocess.Popen[bytes]]]:
-    """`python -m imgproxy` (or `cmd`) in its own session; SIGTERM to the group on exit."""
+    """`python -m imgproxy` (or `cmd`, where `{port}` is replaced by the port) in its own
+    session; SIGTERM to the group on exit. `healthy=False`: yield at once, while it starts."""
     port = free_port()
+    if cmd is not None:
+        cmd = [arg.replace("{port}", str(port)) for arg in cmd]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGE_PROXY_")}
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     full_env.update({"IMAGE_PROXY_BIND_ADDRESS": f"127.0.0.1:{port}"})
@@ -276,6 +282,7 @@ def subprocess_server(
     proc = subprocess.Popen(
         cmd or [sys.executable, "-m", "imgproxy"],
         env=full_env,
+        stdin=subprocess.DEVNULL,  # `sanic --dev` would start a REPL on a terminal
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # Sanic SIGKILLs its own process group on some failures
@@ -286,7 +293,7 @@ def subprocess_server(
     reader.start()
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        while healthy:
             if proc.poll() is not None:
                 reader.join(10)
                 out = "".join(server.output)
@@ -342,3 +349,31 @@ def process_tree(pid: int) -> list[int]:
     for p in pids:
         pids.extend(c for c, parent in parents.items() if parent == p and c not in pids)
     return pids
+
+
+def server_workers(main_pid: int) -> dict[str, int]:
+    """Sanic's server workers by name. Sanic sets SANIC_WORKER_NAME while it spawns each one,
+    so it is in the worker's start environment (the SyncManager child has none)."""
+    found = {}
+    for pid in process_tree(main_pid)[1:]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue  # dead, not yet reaped
+        for item in environ:
+            if item.startswith(b"SANIC_WORKER_NAME=Sanic-Server-"):
+                found[item.partition(b"=")[2].decode()] = pid
+    return found
+
+
+def kill_images(tmp_path: Path) -> Path:
+    """Images for the worker-death tests: a big JPEG (slow AVIF renders stay in flight) and
+    a small PNG (a cheap passthrough)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    photo(2400, 1800).jpegsave(str(root / "big.jpg"), Q=85)
+    photo(60, 40).pngsave(str(root / "small.png"))
+    return root

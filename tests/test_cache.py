@@ -230,3 +230,26 @@ def test_slow_disk_drops_writes_instead_of_queueing_them(
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def test_a_lease_is_refreshed_only_by_its_holder(tmp_path: Path) -> None:
+    """A holder whose lease expired (and was taken by another worker) cannot extend the
+    new holder's lease by refreshing its own."""
+    import time
+
+    from imgproxy.cache.store import Leases
+
+    leases = Leases(str(tmp_path / "leases"))
+    try:
+        assert leases.acquire("k", "old", 0.01)
+        time.sleep(0.05)  # expired
+        assert leases.acquire("k", "new", 0.5)
+        leases.refresh("k", "old", 3600)  # the old holder's keeper, late
+        time.sleep(0.7)
+        assert not leases.held("k")  # the new lease expired on its own
+        assert leases.acquire("k", "next", 0.5)
+        leases.refresh("k", "next", 3600)  # its holder's refresh works
+        time.sleep(0.7)
+        assert leases.held("k")
+    finally:
+        leases.close()

@@ -48,7 +48,9 @@ ALLOWED: dict[str, set[str]] = {
     "transform": BASE | {"fastcodecs"},
     "fastcodecs": set(),
     "service": LEAVES | BASE,
-    "app": {"__init__", "service"} | LEAVES | BASE,
+    # app wires the main process's watchdog (workers) as its own listener: the Sanic CLI
+    # builds the app from create_app alone, and must get the same server (SPEC "Ways to run")
+    "app": {"__init__", "service", "workers"} | LEAVES | BASE,
     # _build: written by build/shiv.sh
     "__main__": {"__init__", "_build", "app", "config", "logs", "metrics", "signing", "workers"},
     # beside app, under __main__: runs in the main process only (replaces dead workers)

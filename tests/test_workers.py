@@ -12,12 +12,20 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from conftest import Server, metric_total, photo, process_tree, raw_request, subprocess_server
+from conftest import (
+    Server,
+    kill_images,
+    metric_total,
+    raw_request,
+    server_workers,
+    subprocess_server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +34,7 @@ DEADLINE = 10.0  # the contract: a new worker serves within 10 s of the kill
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    root = tmp_path / "images"
-    root.mkdir()
-    photo(2400, 1800).jpegsave(str(root / "big.jpg"), Q=85)
-    photo(60, 40).pngsave(str(root / "small.png"))
-    return root
+    return kill_images(tmp_path)
 
 
 def env_for(root: Path, tmp_path: Path, workers: int) -> dict[str, str]:
@@ -43,21 +47,10 @@ def env_for(root: Path, tmp_path: Path, workers: int) -> dict[str, str]:
 
 
 def workers(main_pid: int) -> dict[str, int]:
-    """Sanic's server workers by name. Sanic sets SANIC_WORKER_NAME while it spawns each one,
-    so it is in the worker's start environment (the SyncManager child has none)."""
-    found = {}
-    for pid in process_tree(main_pid)[1:]:
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
-            if item.startswith(b"SANIC_WORKER_NAME=Sanic-Server-"):
-                found[item.partition(b"=")[2].decode()] = pid
-    return found
+    return server_workers(main_pid)
 
 
-def own_metric(prom_dir: Path, pid: int, name: str) -> float:
+def own_metric(prom_dir: Path, pid: int, name: str = "image_requests_total") -> float:
     """One process's share of a metric: its own multiprocess files, summed on their own."""
     with tempfile.TemporaryDirectory() as tmp:
         for f in prom_dir.glob(f"*_{pid}.db"):
@@ -178,11 +171,91 @@ def test_crash_loop_stops_the_server(images: Path, tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, f"{name} not replaced after death {death + 1}"
                 time.sleep(0.1)
             assert server.raw("/health").status == 200  # waits in the backlog until it serves
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the server kept running after a crash loop")
-    assert code == 1
+        assert exit_status(proc) == 1
     assert len(warnings_about_deaths(server)) == 3, server.output
     errors = [line for line in server.output if "ERROR" in line and "crash loop" in line]
     assert len(errors) == 1, server.output
+
+
+def exit_status(proc: subprocess.Popen[bytes]) -> int:
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server kept running after a crash loop")
+
+
+def wait_for_new_worker(main_pid: int, name: str, old: int, timeout: float = DEADLINE) -> int:
+    """The pid of the process now called `name`, once it is not `old` (0: any)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = workers(main_pid).get(name, 0)
+        if pid and pid != old:
+            return pid
+        time.sleep(0.02)
+    raise AssertionError(f"{name}: no new process within {timeout} s of {old}")
+
+
+def test_worker_killed_during_startup_is_replaced(images: Path, tmp_path: Path) -> None:
+    """SIGKILL a worker ~0.2 s after it started (before it ever served), then its replacement
+    the same way: Sanic alone waits 30 s for its ack and stops the server; here a third
+    process serves within seconds, and only that successful restart is counted."""
+    env = env_for(images, tmp_path, workers=2)
+    with subprocess_server(env, healthy=False) as (server, proc):
+        name = "Sanic-Server-1-0"
+        victim = wait_for_new_worker(proc.pid, name, 0, timeout=60)
+        time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        second = wait_for_new_worker(proc.pid, name, victim)
+        time.sleep(0.2)
+        os.kill(second, signal.SIGKILL)
+        third = wait_for_new_worker(proc.pid, name, second)
+        deadline = time.monotonic() + 30
+        while True:  # the whole server comes up: both workers acknowledged their start
+            assert proc.poll() is None, server.output
+            try:
+                if server.raw("/health").status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, server.output
+            time.sleep(0.1)
+        served = set()
+        for _ in range(200):  # new connections spread over both workers
+            assert server.raw("/small.png").status == 200
+            served = {n for n, p in workers(proc.pid).items() if own_metric(prom(tmp_path), p)}
+            if len(served) == 2:
+                break
+        assert workers(proc.pid)[name] == third
+        assert served == {"Sanic-Server-0-0", name}, served
+        until(lambda: server.metric("image_worker_restarts_total") == 1)  # the one that came up
+        for _ in range(4):
+            assert server.metric("image_worker_restarts_total") == 1, "".join(server.output)
+    assert len(warnings_about_deaths(server)) == 2, server.output
+    assert not [line for line in server.output if "acknowledged" in line], server.output
+
+
+def until(ok: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        assert time.monotonic() < deadline, "not within the deadline"
+        time.sleep(0.05)
+
+
+def prom(tmp_path: Path) -> Path:
+    return tmp_path / "prom"
+
+
+def test_crash_loop_limit_grows_with_the_workers(images: Path, tmp_path: Path) -> None:
+    """Two workers: five deaths within a minute are replaced (SPEC: a crash loop is more
+    than 2 x workers + 1), the sixth stops the server with exit status 1."""
+    with subprocess_server(env_for(images, tmp_path, workers=2)) as (server, proc):
+        for death in range(6):
+            name = f"Sanic-Server-{death % 2}-0"
+            pid = workers(proc.pid)[name]
+            os.kill(pid, signal.SIGKILL)
+            if death == 5:
+                break
+            wait_for_new_worker(proc.pid, name, pid)
+            assert proc.poll() is None
+        assert exit_status(proc) == 1
+    assert len(warnings_about_deaths(server)) == 5, server.output

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from functools import partial
 from typing import Any
 
@@ -41,35 +39,20 @@ def help_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_metrics_dir() -> str | None:
-    """Point prometheus-client at a fresh multiprocess directory before anything imports it.
-
-    Returns the directory if this process created it (and should remove it on exit)."""
-    created = None
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        path = created = tempfile.mkdtemp(prefix="imgproxy-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    from .metrics import reset_directory
-
-    reset_directory(path)
-    return created
-
-
 def serve(settings: Settings) -> int:
     """Run the server until it stops; the exit status: 1 when it stopped on a crash loop."""
     from sanic import Sanic
     from sanic.worker.loader import AppLoader
 
     from .app import create_app
-    from .workers import crash_looped, start_watchdog
+    from .workers import crash_looped
 
+    # The app's own main-process listeners make the metrics directory, the instance's
+    # render queue and cache home, and start the worker watchdog: the Sanic CLI gets them too.
     loader = AppLoader(factory=partial(create_app, settings))
     app = loader.load()
     host, port = settings.server.bind
     app.prepare(host=host, port=port, workers=settings.server.workers)
-    # Here, not in create_app: `sanic --dev` reloads dead workers itself, on the next edit.
-    app.register_listener(start_watchdog, "main_process_ready")
     Sanic.serve(primary=app, app_loader=loader)
     return 1 if crash_looped(app) else 0
 
@@ -147,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.server.log_level != "DEBUG" or settings.observability.log_format == "json":
         # libvips' stderr noise on bad input (it writes to fd 2 itself: never JSON)
         os.environ.setdefault("VIPS_WARNING", "0")
-    created = prepare_metrics_dir()
-    try:
-        return serve(settings)
-    finally:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
+    return serve(settings)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
 from sanic.response import BaseHTTPResponse
 
-from . import __version__, cache, flight, logs, params, signing, transform
+from . import __version__, cache, flight, logs, params, signing, transform, workers
+from . import metrics as metrics_mod
 from .config import Settings
 from .errors import Forbidden, ImgProxyError, Overloaded, status_label
 from .httpdates import Conditional, format_date
@@ -93,7 +94,10 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
     app.error_handler.add(Exception, on_error)
+    # Main process listeners: every way to run (python -m imgproxy, the .pyz, the Sanic CLI)
+    # gets the same instance: metrics directory, render queue, cache home, watchdog.
     app.register_listener(start_instance, "main_process_start")
+    app.register_listener(workers.start_watchdog, "main_process_ready")
     app.register_listener(stop_instance, "main_process_stop")
     app.register_listener(start_worker, "before_server_start")
     app.register_listener(stop_worker, "after_server_stop")
@@ -101,20 +105,34 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
 
 
 async def start_instance(app: Sanic[Any, Any]) -> None:
-    """Main process, before the workers are spawned: what all of them share (the render
-    permits and queue, the Redis breaker, the instance memory tier's tmpfs directory)."""
+    """Main process, before the workers are spawned: what all of them share (the metrics
+    directory, the render permits and queue, the Redis breaker, the instance memory tier's
+    tmpfs directory). The workers inherit the environment set here."""
     s: Settings = app.ctx.settings
-    shared = flight.shared_primitives(s.limits.transform_threads, s.server.workers)
+    if app.state.auto_reload:
+        log.warning(
+            "auto-reload: workers restart on code changes, but the main process (worker "
+            "watchdog, render queue, cache home, metrics directory) keeps the code and "
+            "settings it started with; restart the server to change those"
+        )
+    app.ctx.metrics_dir = metrics_mod.prepare_directory()
+    threads = s.limits.transform_threads
+    # the workers Sanic really starts (the CLI's --workers), not only IMAGE_PROXY_WORKERS
+    count = max(int(app.state.workers or 1), s.server.workers)
+    shared = flight.shared_primitives(threads, count)
     shared["cache_breaker"] = cache.shared_breaker_state()
     for name, value in shared.items():
         setattr(app.shared_ctx, name, value)
     # a worker killed mid-render cannot return its render permits: the watchdog does
-    app.ctx.on_worker_death.append(lambda index, pid: flight.release_worker(app.shared_ctx, index))
+    app.ctx.on_worker_death.append(
+        lambda index, pid: flight.reclaim(app.shared_ctx, index, threads)
+    )
     app.ctx.instance_dir = cache.instance.prepare(s)
 
 
 async def stop_instance(app: Sanic[Any, Any]) -> None:
     cache.instance.remove(getattr(app.ctx, "instance_dir", None))
+    metrics_mod.remove_directory(getattr(app.ctx, "metrics_dir", None))
 
 
 async def start_worker(app: Sanic[Any, Any]) -> None:

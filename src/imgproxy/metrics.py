@@ -1,15 +1,19 @@
 """The only prometheus_client importer.
 
-With `PROMETHEUS_MULTIPROC_DIR` set (by `__main__` before any worker imports this module),
-every worker writes its values to mmap files in that directory and `/metrics` on any worker
-sums them all: one scrape is the whole service. Without it (tests, `sanic --dev`), values
-live in this process only. Labels are bounded: never a path or a host.
+With `PROMETHEUS_MULTIPROC_DIR` set (by the app's main process, `prepare_directory()` in
+`main_process_start`, before any worker is spawned: they inherit it and import this module
+afresh), every worker writes its values to mmap files in that directory and `/metrics` on
+any worker sums them all: one scrape is the whole service, however the server was started.
+Without it (tests' in-process servers), values live in this process only. Labels are
+bounded: never a path or a host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -19,7 +23,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -31,7 +38,33 @@ _REQUEST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return os.environ.get(ENV) or None
+
+
+def prepare_directory() -> str | None:
+    """Main process, before the workers are spawned: a fresh multiprocess directory (the
+    operator's `PROMETHEUS_MULTIPROC_DIR`, wiped, or a new temporary one, exported so that
+    the workers inherit it). Returns the directory if it was made here (remove it at exit).
+
+    prometheus_client picks its value class when `prometheus_client.values` is imported,
+    which already happened in this process: pick again, so that the main process's own
+    metrics (the watchdog's restart counter) go to the directory too."""
+    created = None
+    path = multiprocess_dir()
+    if path is None:
+        path = created = tempfile.mkdtemp(prefix="imgproxy-metrics-")
+        os.environ[ENV] = path
+    reset_directory(path)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    return created
+
+
+def remove_directory(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.environ.get(ENV) == path:
+            del os.environ[ENV]
+            values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

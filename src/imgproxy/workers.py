@@ -2,21 +2,35 @@
 
 Sanic's monitor loop marks a worker killed from outside (SIGKILL from the kernel's OOM killer,
 `kill -9`) FAILED and leaves it dead: the instance runs on fewer workers for good and nothing
-is logged (STACK-NOTES §9.2). `start_watchdog`, a `main_process_ready` listener wired by
-`__main__`, starts a thread that for each death logs one WARNING, runs the death hooks
-(`app.ctx.on_worker_death`: e.g. return the admission permits the worker held), drops the
-worker's live gauges from `/metrics`, counts `image_worker_restarts_total` and asks Sanic's
-monitor to start the worker again. More than `MAX_DEATHS` deaths within `WINDOW` seconds is a
-crash loop: one ERROR, the server stops and `__main__` exits 1, so a supervisor restarts it.
+is logged (STACK-NOTES §9.2). A worker that dies before every worker acknowledged its start
+is worse: Sanic's start-up loop waits for its ack and stops the whole server after 30 s.
 
-Imported by `__main__` only: it lives beside `app` (it needs sanic's worker manager) and runs
-in the main process, never in a worker.
+`start_watchdog` (a `main_process_ready` listener of the app, so every way to run gets it:
+`python -m imgproxy`, the .pyz, `sanic imgproxy.app:create_app --factory`) starts a thread
+that looks at every server process's own exit status (not Sanic's state, which is only synced
+after start-up) and, for each death, at any moment:
+
+- logs one WARNING, runs the death hooks (`app.ctx.on_worker_death`: return the render
+  permits the worker held) and drops the worker's live gauges from `/metrics`;
+- restarts it: through Sanic's monitor loop once it runs (the message a worker's
+  `app.m.restart()` sends), directly while Sanic still waits for start-up acks (its loop
+  would only re-queue the message);
+- counts `image_worker_restarts_total` once the new process acknowledged its start (a
+  replacement that dies first is one more death, not a restart), and asks again if a
+  replacement did not appear within RETRY seconds.
+
+More than 2 x workers + 1 deaths within WINDOW seconds is a crash loop: one ERROR, the server
+stops and the process exits 1, so a supervisor restarts it.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,17 +44,25 @@ from .metrics import MainMetrics, mark_process_dead
 log = logging.getLogger("imgproxy")
 
 DeathHook = Callable[[int, int], None]  # (worker index, pid) of a worker that died
-INTERVAL = 0.5  # seconds between looks at the workers' states (a restart takes ~0.5-1 s more)
-MAX_DEATHS = 3  # deaths allowed within WINDOW; one more is a crash loop
-WINDOW = 60.0
+INTERVAL = 0.1  # seconds between looks at the workers (Sanic's own monitor polls at 0.1 s)
+WINDOW = 60.0  # crash loop: more than 2 x workers + 1 deaths within this many seconds
+RETRY = 5.0  # a replacement that did not appear after this long is asked for again
 SERVER_PREFIX = "Sanic-Server-"  # Sanic names its server processes Sanic-Server-<index>-0
-DEAD = (ProcessState.FAILED, ProcessState.COMPLETED)  # set by Sanic's monitor from exit codes
+# States in which a process that is not running is no death: Sanic is stopping or
+# replacing it itself (auto-reload, the inspector)
+NOT_A_DEATH = (ProcessState.RESTARTING, ProcessState.JOINED, ProcessState.TERMINATED)
+
+
+def crash_loop_limit(workers: int) -> int:
+    """Deaths allowed within WINDOW (SPEC: a crash loop is more than 2 x workers + 1)."""
+    return 2 * max(1, workers) + 1
 
 
 async def start_watchdog(app: Sanic[Any, Any]) -> None:
     """`main_process_ready`: the worker manager exists; the workers are about to start."""
-    app.ctx.watchdog = Watchdog(app.manager, getattr(app.ctx, "on_worker_death", []))
-    app.ctx.watchdog.start()
+    watchdog = Watchdog(app.manager, getattr(app.ctx, "on_worker_death", []))
+    app.ctx.watchdog = watchdog
+    watchdog.start()
 
 
 def crash_looped(app: Sanic[Any, Any]) -> bool:
@@ -60,23 +82,32 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def _exit_failed() -> None:
+    """atexit, after a crash loop: exit 1 whoever runs the server (the Sanic CLI returns 0
+    once its serve() returns; `python -m imgproxy` returns 1 itself)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or broken: nothing left to say there
+            stream.flush()
+    os._exit(1)
+
+
 class Watchdog:
     def __init__(
         self,
         manager: Any,  # sanic.worker.manager.WorkerManager (untyped)
         hooks: list[DeathHook],
         interval: float = INTERVAL,
-        max_deaths: int = MAX_DEATHS,
         window: float = WINDOW,
     ) -> None:
         self.manager = manager
         self.hooks = hooks
         self.interval = interval
-        self.max_deaths = max_deaths
         self.window = window
+        self.max_deaths = crash_loop_limit(int(getattr(manager, "num_server", 1)))
         self.crash_loop = False
         self.metrics = MainMetrics()  # in the main process: its own counter file, summed
-        self._handled: dict[str, int] = {}  # worker name -> pid whose death was handled
+        self._handled: set[int] = set()  # pids whose death was handled
+        self._waiting: dict[str, tuple[int, float]] = {}  # name -> (dead pid, asked at)
         self._deaths: list[float] = []  # monotonic times of the deaths within the window
         self._thread = threading.Thread(target=self._run, name="imgproxy-watchdog", daemon=True)
 
@@ -93,28 +124,60 @@ class Watchdog:
             return []
         return [p for p in processes if p.name.startswith(SERVER_PREFIX)]
 
-    def _run(self) -> None:
-        # Until every worker has acknowledged its start, Sanic's wait_for_ack() loop re-queues
-        # monitor messages, and a worker that dies is Sanic's own startup failure (it stops
-        # the server after 30 s). Then its monitor loop syncs every state at once: ACKED, or
-        # already FAILED for a worker killed right after its ack (so not `is ACKED`).
-        while not self._stopping():
-            servers = self._servers()
-            if servers and all(p.state >= ProcessState.ACKED for p in servers):
-                break
-            time.sleep(self.interval)
-        while not self._stopping():
-            time.sleep(self.interval)
-            for process in self._servers():
-                if process.state not in DEAD or self._handled.get(process.name) == process.pid:
-                    continue
-                if self._stopping():  # a worker ending in a shutdown is no death
-                    return
-                self._handled[process.name] = process.pid
-                if not self._on_death(process.name, process.pid, process.exitcode):
-                    return
+    def _acks_done(self) -> bool:
+        """Has Sanic's start-up loop (wait_for_ack) finished? Until then it re-queues monitor
+        messages instead of handling them."""
+        try:
+            return bool(self.manager._all_workers_ack())  # private in Sanic 25.12
+        except Exception:  # its state dict (a SyncManager proxy) is gone: shutting down
+            return False
 
-    def _on_death(self, name: str, pid: int, exitcode: int | None) -> bool:
+    def _acked(self, name: str) -> bool:
+        """Has the process now called `name` acknowledged its start? (Sanic's own copy of
+        the state in `process.state` is only synced once its monitor loop runs.)"""
+        try:
+            return bool(self.manager.worker_state[name].get("state") == ProcessState.ACKED.name)
+        except Exception:  # gone, or the SyncManager is stopping
+            return False
+
+    def _run(self) -> None:
+        acked = False
+        while not self._stopping():
+            time.sleep(self.interval)
+            acked = acked or self._acks_done()  # once done, Sanic's monitor loop runs
+            try:
+                if not self._look(acked):
+                    return
+            except Exception:  # never let one odd look end the watchdog
+                log.exception("worker watchdog: unexpected error; still watching")
+
+    def _look(self, acked: bool) -> bool:
+        for process in self._servers():
+            if self._stopping():
+                return False
+            name, pid = process.name, process.pid
+            if pid is None or process.state in NOT_A_DEATH:
+                continue  # not started yet, or Sanic itself is stopping or replacing it
+            waiting = self._waiting.get(name)
+            if waiting is not None and pid != waiting[0] and process.is_alive():
+                if self._acked(name):  # the replacement serves: the restart succeeded
+                    del self._waiting[name]
+                    self.metrics.worker_restarts.inc()
+                    log.info("worker %s replaced: pid %d serves", name, pid)
+                continue
+            if pid in self._handled:
+                if waiting is not None and time.monotonic() - waiting[1] > RETRY:
+                    log.warning("worker %s: no replacement yet; asking again", name)
+                    self._restart(name, pid, acked)
+                continue
+            if process.exitcode is None:
+                continue  # alive
+            self._handled.add(pid)
+            if not self._on_death(name, pid, process.exitcode, acked):
+                return False
+        return True
+
+    def _on_death(self, name: str, pid: int, exitcode: int | None, acked: bool) -> bool:
         """Handle one death; False when it was one too many (the server is stopping)."""
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < self.window] + [now]
@@ -141,9 +204,38 @@ class Watchdog:
         mark_process_dead(pid)  # its in-flight and queue gauges leave the sum
         if crash_loop:
             self.crash_loop = True
+            atexit.register(_exit_failed)
             self.manager.monitor_publisher.send("__TERMINATE__")
+            if not acked:
+                self._end_startup_wait()
             return False
-        self.metrics.worker_restarts.inc()
-        # The message a worker's `app.m.restart()` sends: restart() runs on the monitor thread.
-        self.manager.monitor_publisher.send(f"{name}:")
+        self._restart(name, pid, acked)
         return True
+
+    def _restart(self, name: str, pid: int, acked: bool) -> None:
+        self._waiting[name] = (pid, time.monotonic())
+        if acked:
+            # The message a worker's `app.m.restart()` sends: restart() runs on the monitor
+            # thread, serialised with its state syncing.
+            self.manager.monitor_publisher.send(f"{name}:")
+        else:
+            # Sanic's start-up loop only re-queues messages, and would wait for this worker's
+            # ack until it gives up (30 s) and stops the server: restart it from here (its
+            # state syncing does not run yet, so nothing races with us).
+            self.manager.restart(process_names=[name])
+
+    def _end_startup_wait(self) -> None:
+        """A crash loop before every worker ever acknowledged its start: Sanic's start-up loop
+        would re-queue our __TERMINATE__ forever (and its own way out SIGKILLs the whole
+        process group, this process included). Mark the dead workers acknowledged, so that
+        the loop ends and the monitor loop takes the message: an orderly stop, exit 1."""
+        for process in self._servers():
+            with_state = {"state": ProcessState.ACKED.name}
+            try:
+                if not process.is_alive():
+                    self.manager.worker_state[process.name] = {
+                        **self.manager.worker_state[process.name],
+                        **with_state,
+                    }
+            except Exception:
+                continue

@@ -114,7 +114,7 @@ class InstanceLease:
         return token if got else None
 
     async def refresh(self, key: str, token: str) -> None:
-        await self._run(self.leases.refresh, key, LEASE_TTL)
+        await self._run(self.leases.refresh, key, token, LEASE_TTL)
 
     async def release(self, key: str, token: str, ok: bool) -> None:
         await self._run(self.leases.release, key, token)

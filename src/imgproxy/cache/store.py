@@ -188,9 +188,12 @@ class Leases:
         except Exception:
             return None
 
-    def refresh(self, key: str, ttl: float) -> None:
-        with contextlib.suppress(Exception):
-            self._cache.touch(key, expire=ttl, retry=False)
+    def refresh(self, key: str, token: str, ttl: float) -> None:
+        """Extend the lease, only while it is still `token`'s (one that expired and was
+        taken by another worker stays theirs)."""
+        with contextlib.suppress(Exception), self._cache.transact(retry=False):
+            if self._cache.get(key, retry=False) == token:
+                self._cache.touch(key, expire=ttl, retry=False)
 
     def release(self, key: str, token: str) -> None:
         with contextlib.suppress(Exception), self._cache.transact(retry=False):
