@@ -610,15 +610,18 @@ def negotiation_overhead(corpus: str, env_extra: dict[str, str], window: float, 
 
 _NEG_MICRO = """
 import asyncio, json, sys, time
-from concurrent.futures import ThreadPoolExecutor
 from imgproxy import params
 from imgproxy.config import Settings
 from imgproxy.metrics import Metrics
+from imgproxy.pool import Admission, Pool
+from imgproxy.produce import Producer
 from imgproxy.service import ImageService
 s = Settings.from_env({"IMAGE_PROXY_ROOT_PATH": sys.argv[1],
                        "IMAGE_PROXY_PREFERRED_FORMATS": "avif,webp"})
 async def main():
-    svc = ImageService(s, Metrics(), ThreadPoolExecutor(1), ThreadPoolExecutor(1))
+    m = Metrics()
+    renders = Pool(s.limits, s.encode, m, Admission(1, 0))
+    svc = ImageService(s, m, Producer(s, m, renders))
     spec = params.parse("/photo-1200.jpg", "size=400", {}, s)
     fns = {"negotiate": lambda: svc.negotiate(spec, sys.argv[2]),
            "locate": lambda: svc.locate(spec.path)}

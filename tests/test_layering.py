@@ -15,42 +15,47 @@ OWNERS = {
     "diskcache": {"cache"},
     "redis": {"cache"},
     "prometheus_client": {"metrics"},
-    # workers: the main process's watchdog drives Sanic's worker manager; app stays thin.
-    "sanic": {"app", "__main__", "workers"},
+    # workers: the main process's watchdog drives Sanic's worker manager; responses builds
+    # Sanic's HTTPResponse from a Reply; app stays thin.
+    "sanic": {"app", "responses", "__main__", "workers"},
     # faster builds of the same codecs, for one decision inside transform's load/encode steps
     "simplejpeg": {"fastcodecs"},
     "PIL": {"fastcodecs"},
     "numpy": {"fastcodecs"},
 }
-# DESIGN.md: __main__ -> app -> service -> {leaves} -> config -> errors. Leaves never import
-# each other sideways: they return facts and `service` combines them.
-LEAVES = {
-    "negotiate",
-    "params",
-    "sources",
-    "sniff",
-    "transform",
-    "cache",
-    "flight",
-    "metrics",
-    "logs",
-    "signing",
-}
-# httpdates is pure text <-> value code used by sources (origin dates), service (conditional
-# requests) and app (Last-Modified): a base module like errors, not a leaf.
-BASE = {"config", "errors", "httpdates"}
+# DESIGN.md "Direction of imports":
+#   __main__ -> {app, workers} -> app -> {service, responses} -> service -> {produce, params,
+#   sources, sniff, negotiate} -> produce -> {cache, flight, pool, transform} -> {config,
+#   metrics, logs, httpdates, fastcodecs, signing} -> errors
+# Leaves never import each other sideways: they return facts and `service`/`produce` combine
+# them.
+BASE = {"config", "errors", "httpdates", "metrics", "logs", "signing"}
+LEAVES = {"negotiate", "params", "sources", "sniff", "cache", "flight", "transform"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "httpdates": set(),
     "config": {"errors"},
-    **{leaf: set(BASE) for leaf in LEAVES},
+    **{base: {"config", "errors", "httpdates"} for base in ("metrics", "logs", "signing")},
+    **{leaf: {"config", "errors", "httpdates"} for leaf in LEAVES},
     # fastcodecs is transform's private helper (bytes and buffers in and out, no pyvips)
-    "transform": BASE | {"fastcodecs"},
+    "transform": {"config", "errors", "fastcodecs"},
     "fastcodecs": set(),
-    "service": LEAVES | BASE,
-    # app wires the main process's watchdog (workers) as its own listener: the Sanic CLI
-    # builds the app from create_app alone, and must get the same server (SPEC "Ways to run")
-    "app": {"__init__", "service", "workers"} | LEAVES | BASE,
+    # the render pool: execute() is the render job (read from sources, sniff, Plan,
+    # transform.render); it may run in a render process, so it needs them directly
+    "pool": {"sniff", "transform", "params", "sources"} | BASE,
+    "produce": {"cache", "flight", "pool", "transform", "sniff", "params", "sources"} | BASE,
+    # cache: MemoryTier, the passthrough file memo
+    "service": {"produce", "params", "sources", "sniff", "negotiate", "cache"} | BASE,
+    "responses": {"service"} | BASE,
+    # what follows from the URL alone (signing.check -> params.parse), memoised per URL
+    "urls": {"params"} | BASE,
+    # start_worker builds every per-worker resource: the cache chain, the pool, the producer,
+    # the origin's client (and configures libvips once per worker). app wires the main
+    # process's watchdog (workers) as its own listener: the Sanic CLI builds the app from
+    # create_app alone, and must get the same server (SPEC "Ways to run")
+    "app": {"__init__", "urls", "service", "responses", "produce", "pool", "cache", "sources"}
+    | {"transform", "workers"}
+    | BASE,
     # _build: written by build/shiv.sh
     "__main__": {"__init__", "_build", "app", "config", "logs", "metrics", "signing", "workers"},
     # beside app, under __main__: runs in the main process only (replaces dead workers)

@@ -1,53 +1,81 @@
-"""Admission and single-flight: one bounded render queue per instance, one render per key.
+"""One producer per key: in a worker, across the workers of an instance, across the fleet.
 
-    SingleFlight   in-worker: identical concurrent misses share one task (first, cheapest)
-    once()         across workers or replicas: a `Lease` (the instance's diskcache lease,
-                   the fleet's Redis lock) elects one producer; the others wait for it,
-                   then take its result with `check()`, and produce themselves when the
-                   holder died (its lease expires) or after `wait_max`
-    Admission      at most `threads` renders at once over all workers of the instance
-                   (a multiprocessing.BoundedSemaphore acquired in the executor thread,
-                   never on the event loop) and at most `queue` more waiting: beyond, 503
+    SingleFlight    in-worker: identical concurrent calls share one task; a failure is
+                    remembered for FAILURE_TTL (a negative entry), so a failing key is not
+                    produced again and again
+    once()          across workers or replicas: a `Lease` elects one producer; the others
+                    wait for it, then take its result with `check()` or its failure from the
+                    lease, and produce themselves when the holder died (its lease expires) or
+                    after `wait_max`
+    InstanceLease   the instance's backend: diskcache leases on tmpfs, polled off the loop
+    (the fleet's backend is the Redis lock of `cache.FleetTier`)
 
-The instance-wide primitives are made by the main process (`shared_primitives()`, in
-Sanic's `main_process_start`) and reach the workers through `app.shared_ctx`. Each worker
-writes only its own slot of the `held`/`moving`/`pending` arrays, so when a worker dies the
-main process can give its permits back: `release_worker(shared_ctx, index)`. A SIGKILL can
-land anywhere, so the bookkeeping is ordered for that: `moving` counts a worker's threads
-inside an acquire or a release (marked before the semaphore is touched, cleared after
-`held` is updated), so a dead worker's permits are `held` for sure plus at most `moving`
-more, which `settle()` finds from the semaphore's own count. Without the shared primitives
-(one in-process server, tests) the same classes run on thread-local equivalents.
+A failure travels like a result: the holder writes it (status and public reason) where the
+waiters look, for FAILURE_TTL seconds; they raise it at once instead of producing again.
+Only failures that belong to the source are shared: a 503 (Overloaded) is this moment's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
-import threading
+import secrets
 import time
-from collections.abc import Awaitable, Callable, MutableSequence
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
-from .errors import Overloaded
+from . import errors
+from .errors import ImgProxyError, Overloaded
 
 log = logging.getLogger("imgproxy")
 T = TypeVar("T")
 
-SLOT_WAIT = 30.0  # seconds a queued render waits for a permit before its 503
+FAILURE_TTL = 5.0  # seconds a failed key answers with its failure instead of re-rendering
+LEASE_TTL = 3.0  # seconds; the instance lease's holder refreshes it, a dead holder's expires
+POLL_FIRST, POLL_MAX = 0.002, 0.02  # instance waiters' poll interval (each poll in a thread)
+
+Failure = tuple[int, str]  # (HTTP status, public reason): what crosses processes
 
 
-# -- single-flight --------------------------------------------------------------------------
+def failure_of(exc: BaseException) -> Failure | None:
+    """What waiters elsewhere are told of `exc`: None when it is not the source's fault."""
+    if isinstance(exc, Overloaded) or not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, ImgProxyError):
+        return exc.status, exc.reason
+    return 500, ImgProxyError.reason  # our own bug: a 500 for everyone, logged once
+
+
+def revive(failure: Failure) -> ImgProxyError:
+    """A fresh exception for a shared failure (never the same object twice: a re-raised
+    exception keeps growing its traceback)."""
+    status, reason = failure
+    kind = _BY_STATUS.get(status, ImgProxyError)
+    exc = kind(reason)
+    exc.status = status
+    return exc
+
+
+_BY_STATUS: dict[int, type[ImgProxyError]] = {
+    cls.status: cls
+    for cls in (
+        *errors.UpstreamError.__subclasses__(),
+        *reversed(ImgProxyError.__subclasses__()),
+    )
+}
 
 
 class SingleFlight:
     """Identical concurrent calls in one worker share one task. The task outlives a client
-    that disconnects, so its result still reaches the cache."""
+    that disconnects, so its result still reaches the cache. A failed key answers with its
+    failure for `failure_ttl` seconds."""
 
-    def __init__(self) -> None:
+    def __init__(self, failure_ttl: float = FAILURE_TTL) -> None:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._failed: dict[str, tuple[float, Failure]] = {}  # key -> (expiry, failure)
+        self.failure_ttl = failure_ttl
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -55,6 +83,11 @@ class SingleFlight:
     async def run(self, key: str, produce: Callable[[], Awaitable[T]]) -> T:
         task = self._inflight.get(key)
         if task is None:
+            failed = self._failed.get(key)
+            if failed is not None:
+                if failed[0] > time.monotonic():
+                    raise revive(failed[1])
+                del self._failed[key]
             task = asyncio.ensure_future(produce())
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._done(key, t))
@@ -63,8 +96,17 @@ class SingleFlight:
 
     def _done(self, key: str, task: asyncio.Future[Any]) -> None:
         self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" noise
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved: no "exception was never retrieved" noise
+        failure = failure_of(exc) if exc is not None else None
+        if failure is not None:
+            now = time.monotonic()
+            if len(self._failed) >= 1024:  # bounded: drop the expired, else all
+                self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
+                if len(self._failed) >= 1024:
+                    self._failed.clear()
+            self._failed[key] = (now + self.failure_ttl, failure)
 
 
 class Lease(Protocol):
@@ -78,10 +120,15 @@ class Lease(Protocol):
 
     async def refresh(self, key: str, token: str) -> None: ...
 
-    async def release(self, key: str, token: str, ok: bool) -> None: ...
+    async def release(self, key: str, token: str, failure: Failure | None) -> None:
+        """Give the lease up; `failure`: the producer failed, tell waiters for FAILURE_TTL."""
 
-    async def wait(self, key: str, seconds: float) -> None:
-        """Return when the holder may be done (or `seconds` passed): the caller re-checks."""
+    async def wait(self, key: str, seconds: float) -> Failure | None:
+        """Return when the holder may be done (or `seconds` passed): the caller re-checks.
+        The holder's failure when it announced one."""
+
+    async def failure(self, key: str) -> Failure | None:
+        """A failure of this key's producer within the last FAILURE_TTL seconds."""
 
 
 async def once(
@@ -90,21 +137,30 @@ async def once(
     check: Callable[[], Awaitable[T | None]],
     produce: Callable[[], Awaitable[T]],
 ) -> T:
-    """`produce()` by one holder of `lease`; the others get its result through `check()`."""
+    """`produce()` by one holder of `lease`; the others get its result through `check()`,
+    or its failure."""
     deadline = time.monotonic() + lease.wait_max
     while True:
         token = await lease.acquire(key)
         if token is not None:
             if token:  # somebody may have finished between our lookup and our lease
                 found = await check()
-                if found is not None:
-                    await lease.release(key, token, True)
-                    return found
+                failed = None if found is not None else await lease.failure(key)
+                if found is not None or failed is not None:
+                    await lease.release(key, token, None)
+                    if failed is not None:
+                        raise revive(failed)
+                    return found  # type: ignore[return-value]
             return await _lead(lease, key, token, produce)
-        await lease.wait(key, deadline - time.monotonic())
+        failed = await lease.wait(key, deadline - time.monotonic())
+        if failed is not None:
+            raise revive(failed)
         found = await check()
         if found is not None:
             return found
+        failed = await lease.failure(key)
+        if failed is not None:
+            raise revive(failed)
         if time.monotonic() >= deadline:
             log.warning(
                 "single-flight: waited %.0f s for another render; rendering", lease.wait_max
@@ -122,197 +178,87 @@ async def _lead(lease: Lease, key: str, token: str, produce: Callable[[], Awaita
             await lease.refresh(key, token)
 
     keeper = asyncio.ensure_future(keep())
-    ok = False
+    failure: Failure | None = None
     try:
-        result = await produce()
-        ok = True
-        return result
+        return await produce()
+    except BaseException as exc:
+        failure = failure_of(exc)
+        raise
     finally:
         keeper.cancel()
-        await lease.release(key, token, ok)
+        await lease.release(key, token, failure)
 
 
-# -- admission ------------------------------------------------------------------------------
+class LeaseStore(Protocol):
+    """The instance's lease table (`cache.Leases`: a diskcache on tmpfs). Blocking."""
+
+    def acquire(self, key: str, token: str, ttl: float) -> bool | None: ...
+    def refresh(self, key: str, token: str, ttl: float) -> None: ...
+    def release(self, key: str, token: str) -> None: ...
+    def held(self, key: str) -> bool: ...
+    def mark(self, key: str, value: Any, ttl: float) -> None: ...
+    def marked(self, key: str) -> Any: ...
 
 
-def shared_primitives(threads: int, workers: int) -> dict[str, Any]:
-    """The instance's render permits and per-worker counts. Call in the main process only
-    (Sanic's `main_process_start`): made anywhere earlier, multiprocessing objects fix the
-    start method to `fork` and Sanic refuses to start."""
-    ctx = multiprocessing.get_context("spawn")
-    slots = workers * 2 + 8  # room for restarted and scaled workers (Sanic-Server-<n>-0)
-    return {
-        "flight_slots": ctx.BoundedSemaphore(threads),
-        "flight_held": ctx.RawArray("i", slots),  # permits held, per worker
-        "flight_moving": ctx.RawArray("i", slots),  # threads inside acquire/release
-        "flight_pending": ctx.RawArray("i", slots),  # renders admitted (queued + running)
-    }
+class InstanceLease:
+    """Lease over the instance's lease table. Every call runs in `executor` (SQLite: never
+    on the event loop); waiters poll with short async sleeps until the lease is gone, the
+    value is there (`ready(key)`, also blocking) or the holder's failure is."""
 
-
-def _give_back(slots: Any, n: int) -> int:
-    released = 0
-    for _ in range(max(0, n)):
-        try:
-            slots.release()
-        except ValueError:  # already full: nothing (more) was missing
-            break
-        released += 1
-    return released
-
-
-def release_worker(shared_ctx: Any, index: int) -> tuple[int, int]:
-    """Give back what worker `index` held when it died (call from the main process, e.g. a
-    watchdog, before the worker is replaced: the new one reuses the slot). Returns (permits
-    released, permits that may also have been lost: threads that were inside an acquire or
-    a release when it died; `settle()` decides those)."""
-    held: Any = getattr(shared_ctx, "flight_held", None)
-    moving: Any = getattr(shared_ctx, "flight_moving", None)
-    pending: Any = getattr(shared_ctx, "flight_pending", None)
-    slots: Any = getattr(shared_ctx, "flight_slots", None)
-    if None in (held, moving, pending, slots) or not 0 <= index < len(held):
-        return 0, 0
-    n, unsure = held[index], moving[index]
-    held[index] = moving[index] = pending[index] = 0
-    return _give_back(slots, n), max(0, unsure)
-
-
-def reclaim(shared_ctx: Any, index: int, threads: int) -> int:
-    """Everything worker `index` held when it died, given back (main process, before the
-    worker is replaced). Returns the number of permits released."""
-    released, unsure = release_worker(shared_ctx, index)
-    return released + settle(shared_ctx, threads, unsure)
-
-
-def missing_permits(shared_ctx: Any, threads: int) -> int | None:
-    """Permits neither free nor counted in `held`, at one moment; None when a count changed
-    during the look. Never too low: a live thread between its semaphore call and its count
-    can only make it higher, for the microseconds it takes."""
-    held, slots = shared_ctx.flight_held, shared_ctx.flight_slots
-    before = sum(held)
-    free = slots.get_value()
-    return threads - free - before if sum(held) == before else None
-
-
-def settle(shared_ctx: Any, threads: int, unsure: int, looks: int = 5, gap: float = 0.02) -> int:
-    """Main process, after `release_worker` said `unsure` permits of a dead worker may be
-    lost: release the ones that are missing in every one of `looks` looks (a live worker's
-    thread between its semaphore call and its count is there for microseconds; a lost permit
-    stays missing), never more than `unsure`. Returns the number released."""
-    if unsure <= 0 or getattr(shared_ctx, "flight_slots", None) is None:
-        return 0
-    lost, seen = unsure, 0
-    for _ in range(looks * 20):
-        missing = missing_permits(shared_ctx, threads)
-        if missing is None:
-            continue  # a count moved meanwhile: look again
-        lost, seen = min(lost, missing), seen + 1
-        if lost <= 0:
-            return 0
-        if seen == looks:
-            return _give_back(shared_ctx.flight_slots, lost)
-        time.sleep(gap)
-    return 0  # never a quiet look: keep the permits rather than hand out one too many
-
-
-def worker_index() -> int | None:
-    """This worker's number from Sanic's `SANIC_WORKER_NAME` (Sanic-Server-<n>-<m>)."""
-    parts = os.environ.get("SANIC_WORKER_NAME", "").split("-")
-    if len(parts) >= 3 and parts[0] == "Sanic" and parts[1] == "Server" and parts[2].isdigit():
-        return int(parts[2])
-    return None
-
-
-class Admission:
-    """At most `threads` renders at once and `queue` more waiting, over all the workers
-    that share `slots`, `held` and `pending`."""
+    refresh_every = LEASE_TTL / 3
+    wait_max = 60.0
 
     def __init__(
-        self,
-        threads: int,
-        queue: int,
-        slots: Any = None,
-        held: MutableSequence[int] | None = None,
-        pending: MutableSequence[int] | None = None,
-        index: int = 0,
-        moving: MutableSequence[int] | None = None,
+        self, leases: LeaseStore, ready: Callable[[str], bool], executor: ThreadPoolExecutor
     ) -> None:
-        shared = None not in (slots, held, pending, moving)
-        if not shared or not 0 <= index < len(held or ()):
-            slots, held, pending, moving = threading.BoundedSemaphore(threads), [0], [0], [0]
-            index = 0
-            self.shared = False
-        else:
-            self.shared = True
-        self.threads = threads
-        self.capacity = threads + queue
-        self.slots = slots
-        self.held: MutableSequence[int] = held  # type: ignore[assignment]
-        self.moving: MutableSequence[int] = moving  # type: ignore[assignment]
-        self.pending: MutableSequence[int] = pending  # type: ignore[assignment]
-        self.index = index
-        self._lock = threading.Lock()  # this worker's threads update held[index]
+        self.leases = leases
+        self.ready = ready
+        self.executor = executor
 
-    @classmethod
-    def for_worker(cls, shared_ctx: Any, threads: int, queue: int, index: int) -> Admission:
-        """Worker `index`'s view of the primitives in `shared_ctx` (see shared_primitives)."""
-        return cls(
-            threads,
-            queue,
-            getattr(shared_ctx, "flight_slots", None),
-            getattr(shared_ctx, "flight_held", None),
-            getattr(shared_ctx, "flight_pending", None),
-            index,
-            getattr(shared_ctx, "flight_moving", None),
-        )
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    @classmethod
-    def from_shared(cls, shared_ctx: Any, threads: int, queue: int) -> Admission:
-        index = worker_index()
-        admission = cls.for_worker(shared_ctx, threads, queue, -1 if index is None else index)
-        if not admission.shared and index is not None:
-            log.warning("render admission is per worker: no shared slot for worker %s", index)
-        return admission
+    async def acquire(self, key: str) -> str | None:
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        got = await self._run(self.leases.acquire, key, token, LEASE_TTL)
+        if got is None:
+            return ""  # the lease store failed: produce without coordination
+        return token if got else None
 
-    def admitted(self) -> int:
-        return sum(self.pending)
+    async def refresh(self, key: str, token: str) -> None:
+        await self._run(self.leases.refresh, key, token, LEASE_TTL)
 
-    def enter(self) -> None:
-        """On the event loop, before submitting a render: count it, or refuse (503). The
-        count goes up first, so two workers racing for the last place both see it taken
-        (a rare spurious 503), never both get it."""
-        self.pending[self.index] += 1
-        if sum(self.pending) > self.capacity:
-            self.pending[self.index] -= 1
-            raise Overloaded()
+    async def release(self, key: str, token: str, failure: Failure | None) -> None:
+        await self._run(self._release, key, token, failure)
 
-    def leave(self) -> None:
-        self.pending[self.index] -= 1
+    def _release(self, key: str, token: str, failure: Failure | None) -> None:
+        if failure is not None:  # before the lease goes: a waiter that sees it gone sees this
+            self.leases.mark("failed:" + key, failure, FAILURE_TTL)
+        self.leases.release(key, token)
 
-    # A SIGKILL may land between any two lines below. `moving` goes up before the semaphore
-    # is touched and down only after `held` says what happened, so at every point a dead
-    # worker's permits are `held`, plus at most `moving` (see release_worker and settle).
+    async def failure(self, key: str) -> Failure | None:
+        return _as_failure(await self._run(self.leases.marked, "failed:" + key))
 
-    def acquire(self, wait: float = SLOT_WAIT) -> None:
-        """In the executor thread: take one of the instance's render permits, or 503."""
-        with self._lock:
-            self.moving[self.index] += 1
-        got = False
-        try:
-            got = self.slots.acquire(timeout=wait)
-        finally:
-            with self._lock:
-                if got:
-                    self.held[self.index] += 1
-                self.moving[self.index] -= 1
-        if not got:
-            raise Overloaded()
+    async def wait(self, key: str, seconds: float) -> Failure | None:
+        end = time.monotonic() + seconds
+        delay = POLL_FIRST
+        while time.monotonic() < end:
+            await asyncio.sleep(delay)
+            if await self._run(self._settled, key):
+                return None  # the caller's check() and failure() tell which
+            delay = min(delay * 2, POLL_MAX)
+        return None
 
-    def release(self) -> None:
-        with self._lock:
-            self.moving[self.index] += 1
-            self.held[self.index] -= 1
-        try:
-            self.slots.release()
-        finally:
-            with self._lock:
-                self.moving[self.index] -= 1
+    def _settled(self, key: str) -> bool:
+        return not self.leases.held(key) or self.ready(key)
+
+
+def _as_failure(value: Any) -> Failure | None:
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and isinstance(value[0], int)
+        and isinstance(value[1], str)
+    ):
+        return int(value[0]), value[1]
+    return None

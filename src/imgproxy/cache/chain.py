@@ -1,4 +1,4 @@
-"""CacheChain: the tiers in lookup order, promotion, bounded write-behind, leases.
+"""CacheChain: the tiers in lookup order, promotion, bounded write-behind.
 
     lookup:  hot (this worker's LRU) -> shared (the instance's tmpfs tier, read inline:
              ~20 us) -> disk (a thread) -> redis (async, bounded) -> miss
@@ -10,15 +10,13 @@ Blocking stores are written from small thread pools through `WriteBehind`: at mo
 `max_items` / `max_bytes` writes wait per store; beyond that a write is dropped (and
 counted), never queued, so a slow disk cannot grow memory. Writes still waiting answer
 lookups. `tier` names in facts and metrics: memory (hot or shared: both are the
-instance's memory tier), disk, redis, miss.
+instance's memory tier), disk, redis, miss. The instance's lease table (`leases`) is opened
+here with the tiers; `flight.InstanceLease` coordinates over it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +25,6 @@ from .fleet import FleetTier
 from .memory import Entry, MemoryTier
 from .store import Leases, Store
 
-LEASE_TTL = 3.0  # seconds; refreshed by its holder every second, expires if it dies
-POLL_FIRST, POLL_MAX = 0.002, 0.02  # waiters' poll interval on the instance lease
 STORE_WAIT = 0.1  # seconds a render waits for its write into the instance's shared tier
 MAX_DISK_READS = 16  # disk lookups waiting for a thread; beyond, the disk tier is skipped
 
@@ -91,46 +87,6 @@ class WriteBehind:
             await asyncio.gather(*self._futures, return_exceptions=True)
 
 
-class InstanceLease:
-    """flight.Lease over the instance's diskcache leases: waiters poll on the event loop
-    (lease gone, or the value arrived in the shared tier) with short async sleeps."""
-
-    refresh_every = LEASE_TTL / 3
-    wait_max = 60.0
-
-    def __init__(self, leases: Leases, shared: Store | None, executor: ThreadPoolExecutor) -> None:
-        self.leases = leases
-        self.shared = shared
-        self.executor = executor
-
-    async def _run(self, fn: Callable[..., object], *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-
-    async def acquire(self, key: str) -> str | None:
-        token = f"{os.getpid()}-{secrets.token_hex(8)}"
-        got = await self._run(self.leases.acquire, key, token, LEASE_TTL)
-        if got is None:
-            return ""  # the lease store failed: render without coordination
-        return token if got else None
-
-    async def refresh(self, key: str, token: str) -> None:
-        await self._run(self.leases.refresh, key, token, LEASE_TTL)
-
-    async def release(self, key: str, token: str, ok: bool) -> None:
-        await self._run(self.leases.release, key, token)
-
-    async def wait(self, key: str, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        delay = POLL_FIRST
-        while time.monotonic() < end:
-            await asyncio.sleep(delay)
-            if not self.leases.held(key):
-                return
-            if self.shared is not None and self.shared.contains(key):
-                return
-            delay = min(delay * 2, POLL_MAX)
-
-
 class CacheChain:
     def __init__(
         self,
@@ -164,11 +120,9 @@ class CacheChain:
             else None
         )
         self._disk_reads = 0
-        self.instance_lease = (
-            InstanceLease(leases, shared, self._fast)
-            if leases is not None and leases.available
-            else None
-        )
+        # the instance's single-flight lease table, and the threads its calls run in
+        self.leases = leases if leases is not None and leases.available else None
+        self.lease_executor = self._fast
         self._leases = leases
 
     # -- lookup ---------------------------------------------------------------------------
@@ -223,6 +177,10 @@ class CacheChain:
                 return Lookup(entry, "redis", consulted)
         return Lookup(None, "miss", consulted)
 
+    def stored(self, key: str) -> bool:
+        """Blocking: is `key` in the instance's shared tier (a waiter's cheap poll)?"""
+        return self.shared is not None and self.shared.contains(key)
+
     async def instance_check(self, key: str) -> Entry | None:
         """What another worker of this instance may have stored meanwhile (for waiters)."""
         entry = self._memory_get(key)
@@ -263,7 +221,7 @@ class CacheChain:
         # What the other workers read: the shared tier, or (memory size 0, or an item too
         # big for memory) the disk tier. Waiting for it while the lease is still held spares
         # them a second render; a slow disk is not waited for longer than STORE_WAIT.
-        if shared_write is None and self.instance_lease is not None:
+        if shared_write is None and self.leases is not None:
             shared_write = disk_write
         if shared_write is not None:
             await asyncio.wait({shared_write}, timeout=STORE_WAIT)

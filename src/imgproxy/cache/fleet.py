@@ -4,7 +4,11 @@
     acquire         SET lock NX PX (a Lua script that also clears the old `done` stream)
     refresh         PEXPIRE lock, only while it is still ours (compare-and-expire)
     release         DEL lock only if it is still ours (compare-and-delete), then XADD `done`
-    wait            XREAD BLOCK on `done` (a second client: its socket timeout is longer)
+                    (ok=1; or ok=0 with the failure's status and reason, also kept in
+                    `fail` for flight.FAILURE_TTL: the same failing key is not re-rendered)
+    wait            XREAD BLOCK on `done` (a second client: its socket timeout is longer);
+                    ok=0 hands the holder's failure to every waiter at once
+    failure         GET `fail`
 
 Redis is never needed to answer. Every call is bounded by `asyncio.timeout` and socket
 timeouts, with retries off; two failures in a row open a circuit breaker (no Redis I/O
@@ -33,6 +37,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from .memory import Entry
 
+Failure = tuple[int, str]  # flight.Failure: (HTTP status, public reason)
+
 log = logging.getLogger("imgproxy.cache")
 T = TypeVar("T")
 
@@ -55,7 +61,10 @@ return 0
 """
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
-redis.call('xadd', KEYS[2], 'MAXLEN', '1', '*', 'ok', ARGV[2])
+if ARGV[2] == '0' then
+  redis.call('set', KEYS[3], ARGV[4] .. ' ' .. ARGV[5], 'PX', ARGV[6])
+end
+redis.call('xadd', KEYS[2], 'MAXLEN', '1', '*', 'ok', ARGV[2], 'status', ARGV[4], 'reason', ARGV[5])
 redis.call('pexpire', KEYS[2], ARGV[3])
 return 1
 """
@@ -120,6 +129,16 @@ class Breaker:
             )
 
 
+def _failure(raw: object) -> Failure | None:
+    """b"422 corrupt or truncated image" -> (422, "corrupt or truncated image")."""
+    if not isinstance(raw, bytes):
+        return None
+    status, _, reason = raw.decode("utf-8", "replace").partition(" ")
+    if not status.isdigit() or not 400 <= int(status) <= 599:
+        return None
+    return int(status), reason
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
@@ -149,6 +168,7 @@ class FleetTier:
         timeout: float,
         breaker_state: MutableSequence[float] | None = None,
         on_error: Callable[[], None] | None = None,
+        failure_ttl: float = 5.0,
     ) -> None:
         self.ttl = ttl
         self.prefix = prefix
@@ -157,6 +177,7 @@ class FleetTier:
         self.breaker = Breaker(breaker_state, self.on_error)
         self.refresh_every = LOCK_TTL / 3
         self.wait_max = 30.0  # a live, slow lock holder elsewhere: then render here anyway
+        self.failure_ttl = failure_ttl  # a failed render's outcome is kept this long
         self._r = _client(url, 64, timeout, timeout)
         self._w = _client(url, MAX_WAITERS, timeout, WAIT_SLICE + timeout)
         self._acquire = self._r.register_script(_ACQUIRE)
@@ -170,6 +191,9 @@ class FleetTier:
     def _keys(self, key: str) -> tuple[str, str, str]:
         base = f"{self.prefix}{{{key}}}"
         return base, base + ":lock", base + ":done"
+
+    def _fail_key(self, key: str) -> str:
+        return f"{self.prefix}{{{key}}}:fail"
 
     async def _call(
         self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None, **kw: Any
@@ -237,28 +261,41 @@ class FleetTier:
         _, lock, _ = self._keys(key)
         await self._call(self._refresh, keys=[lock], args=[token, int(LOCK_TTL * 1000)])
 
-    async def release(self, key: str, token: str, ok: bool) -> None:
+    async def release(self, key: str, token: str, failure: Failure | None) -> None:
         _, lock, done = self._keys(key)
-        args = [token, 1 if ok else 0, DONE_TTL_MS]
-        await self._call(self._release, keys=[lock, done], args=args)
+        status, reason = failure or (0, "")
+        ok = 0 if failure else 1
+        args = [token, ok, DONE_TTL_MS, status, reason, int(self.failure_ttl * 1000)]
+        await self._call(self._release, keys=[lock, done, self._fail_key(key)], args=args)
 
-    async def wait(self, key: str, seconds: float) -> None:
-        """Until the lock holder announces its result (or failure), or `seconds` pass."""
+    async def failure(self, key: str) -> Failure | None:
+        return _failure(await self._call(self._r.get, self._fail_key(key)))
+
+    async def wait(self, key: str, seconds: float) -> Failure | None:
+        """Until the lock holder announces its result or failure (returned), or `seconds`
+        pass."""
         seconds = min(seconds, WAIT_SLICE)
         if seconds <= 0:
-            return
+            return None
         if self._waiters.locked() or not self.breaker.closed:
             await asyncio.sleep(min(seconds, 0.05))  # poll: the caller re-checks the value
-            return
+            return None
         _, _, done = self._keys(key)
         async with self._waiters:
-            await self._call(
+            streams = await self._call(
                 self._w.xread,
                 {done: "0-0"},
                 count=1,
                 block=max(1, int(seconds * 1000)),
                 timeout=seconds + self.timeout,
             )
+        try:  # [[stream, [(id, {b"ok": b"0", b"status": b"422", b"reason": b"..."})]]]
+            fields = streams[0][1][0][1] if streams else {}
+        except (IndexError, KeyError, TypeError):
+            return None
+        if fields.get(b"ok") != b"0":
+            return None
+        return _failure(fields.get(b"status", b"") + b" " + fields.get(b"reason", b""))
 
     async def warm_up(self) -> None:
         """At worker start: connect and load the scripts, so the first burst of requests

@@ -164,8 +164,7 @@ class Leases:
     SQLite insert that fails while an unexpired lease exists; a holder that dies loses its
     lease when it expires. Never evicted by size (its own database, policy `none`).
 
-    Writes (`acquire`, `refresh`, `release`) may block for a few ms: call them from a
-    thread. `held` is one indexed read: cheap enough for the event loop."""
+    Every call may block (SQLite): call them from a thread (`flight.InstanceLease` does)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -205,6 +204,17 @@ class Leases:
             return self._cache.get(key, retry=False) is not None
         except Exception:
             return False
+
+    def mark(self, key: str, value: object, ttl: float) -> None:
+        """A short-lived note beside the leases (a failed producer's outcome)."""
+        with contextlib.suppress(Exception):
+            self._cache.set(key, value, expire=ttl, retry=False)
+
+    def marked(self, key: str) -> object:
+        try:
+            return self._cache.get(key, retry=False)
+        except Exception:
+            return None
 
     def close(self) -> None:
         if self._cache is not None:
