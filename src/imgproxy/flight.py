@@ -11,8 +11,11 @@
     (the fleet's backend is the Redis lock of `cache.FleetTier`)
 
 A failure travels like a result: the holder writes it (status and public reason) where the
-waiters look, for FAILURE_TTL seconds; they raise it at once instead of producing again.
-Only failures that belong to the source are shared: a 503 (Overloaded) is this moment's.
+waiters look; they raise it at once instead of producing again. A failure that belongs to
+the source (4xx, or a 502: the origin's body is no image) is kept FAILURE_TTL seconds, so
+later requests get it too (a negative entry); our own 500 only SHARED_TTL, long enough for
+the current waiters (a 500 may be transient: out of memory); a 503 (Overloaded) is this
+moment's and is never shared.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import errors
 from .errors import ImgProxyError, Overloaded
@@ -32,26 +35,39 @@ from .errors import ImgProxyError, Overloaded
 log = logging.getLogger("imgproxy")
 T = TypeVar("T")
 
-FAILURE_TTL = 5.0  # seconds a failed key answers with its failure instead of re-rendering
+FAILURE_TTL = 5.0  # seconds a source's failure answers for its key instead of a re-render
+SHARED_TTL = 1.0  # seconds our own failure (500) is kept: for the waiters of that flight
 LEASE_TTL = 3.0  # seconds; the instance lease's holder refreshes it, a dead holder's expires
 POLL_FIRST, POLL_MAX = 0.002, 0.02  # instance waiters' poll interval (each poll in a thread)
 
-Failure = tuple[int, str]  # (HTTP status, public reason): what crosses processes
+
+class Failure(NamedTuple):
+    """What crosses processes of a failed producer."""
+
+    status: int  # HTTP status
+    reason: str  # the public one-line reason
+    ttl: float = SHARED_TTL  # seconds it is kept for requests after this flight
 
 
-def failure_of(exc: BaseException) -> Failure | None:
-    """What waiters elsewhere are told of `exc`: None when it is not the source's fault."""
+Shared = tuple[int, str, float]  # a Failure as the backends return it
+
+
+def failure_of(exc: BaseException, ttl: float = FAILURE_TTL) -> Failure | None:
+    """What waiters elsewhere are told of `exc` (None: nothing, they try themselves), and
+    for how long (`ttl` for the source's faults, SHARED_TTL for ours)."""
     if isinstance(exc, Overloaded) or not isinstance(exc, Exception):
         return None
-    if isinstance(exc, ImgProxyError):
-        return exc.status, exc.reason
-    return 500, ImgProxyError.reason  # our own bug: a 500 for everyone, logged once
+    if not isinstance(exc, ImgProxyError):  # our own bug: a 500 for everyone, logged once
+        return Failure(500, ImgProxyError.reason)
+    if exc.status < 500 or exc.status == 502:
+        return Failure(exc.status, exc.reason, ttl)
+    return Failure(exc.status, exc.reason)
 
 
-def revive(failure: Failure) -> ImgProxyError:
+def revive(failure: Shared) -> ImgProxyError:
     """A fresh exception for a shared failure (never the same object twice: a re-raised
     exception keeps growing its traceback)."""
-    status, reason = failure
+    status, reason = failure[0], failure[1]
     kind = _BY_STATUS.get(status, ImgProxyError)
     exc = kind(reason)
     exc.status = status
@@ -99,14 +115,14 @@ class SingleFlight:
         if task.cancelled():
             return
         exc = task.exception()  # retrieved: no "exception was never retrieved" noise
-        failure = failure_of(exc) if exc is not None else None
-        if failure is not None:
+        failure = failure_of(exc, self.failure_ttl) if exc is not None else None
+        if failure is not None and failure.ttl > SHARED_TTL:  # this flight's waiters have it
             now = time.monotonic()
             if len(self._failed) >= 1024:  # bounded: drop the expired, else all
                 self._failed = {k: v for k, v in self._failed.items() if v[0] > now}
                 if len(self._failed) >= 1024:
                     self._failed.clear()
-            self._failed[key] = (now + self.failure_ttl, failure)
+            self._failed[key] = (now + failure.ttl, failure)
 
 
 class Lease(Protocol):
@@ -123,11 +139,11 @@ class Lease(Protocol):
     async def release(self, key: str, token: str, failure: Failure | None) -> None:
         """Give the lease up; `failure`: the producer failed, tell waiters for FAILURE_TTL."""
 
-    async def wait(self, key: str, seconds: float) -> Failure | None:
+    async def wait(self, key: str, seconds: float) -> Shared | None:
         """Return when the holder may be done (or `seconds` passed): the caller re-checks.
         The holder's failure when it announced one."""
 
-    async def failure(self, key: str) -> Failure | None:
+    async def failure(self, key: str) -> Shared | None:
         """A failure of this key's producer within the last FAILURE_TTL seconds."""
 
 
@@ -233,7 +249,7 @@ class InstanceLease:
 
     def _release(self, key: str, token: str, failure: Failure | None) -> None:
         if failure is not None:  # before the lease goes: a waiter that sees it gone sees this
-            self.leases.mark("failed:" + key, failure, FAILURE_TTL)
+            self.leases.mark("failed:" + key, (failure.status, failure.reason), failure.ttl)
         self.leases.release(key, token)
 
     async def failure(self, key: str) -> Failure | None:
@@ -260,5 +276,5 @@ def _as_failure(value: Any) -> Failure | None:
         and isinstance(value[0], int)
         and isinstance(value[1], str)
     ):
-        return int(value[0]), value[1]
+        return Failure(int(value[0]), value[1])
     return None

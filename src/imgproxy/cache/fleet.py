@@ -5,7 +5,7 @@
     refresh         PEXPIRE lock, only while it is still ours (compare-and-expire)
     release         DEL lock only if it is still ours (compare-and-delete), then XADD `done`
                     (ok=1; or ok=0 with the failure's status and reason, also kept in
-                    `fail` for flight.FAILURE_TTL: the same failing key is not re-rendered)
+                    `fail` for a few seconds: the same failing key is not re-rendered)
     wait            XREAD BLOCK on `done` (a second client: its socket timeout is longer);
                     ok=0 hands the holder's failure to every waiter at once
     failure         GET `fail`
@@ -37,7 +37,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .memory import Entry
 
-Failure = tuple[int, str]  # flight.Failure: (HTTP status, public reason)
+Failure = tuple[int, str, float]  # flight.Failure: (HTTP status, public reason, seconds kept)
 
 log = logging.getLogger("imgproxy.cache")
 T = TypeVar("T")
@@ -136,7 +136,7 @@ def _failure(raw: object) -> Failure | None:
     status, _, reason = raw.decode("utf-8", "replace").partition(" ")
     if not status.isdigit() or not 400 <= int(status) <= 599:
         return None
-    return int(status), reason
+    return int(status), reason, 0.0
 
 
 def _describe(exc: BaseException) -> str:
@@ -168,7 +168,6 @@ class FleetTier:
         timeout: float,
         breaker_state: MutableSequence[float] | None = None,
         on_error: Callable[[], None] | None = None,
-        failure_ttl: float = 5.0,
     ) -> None:
         self.ttl = ttl
         self.prefix = prefix
@@ -177,7 +176,6 @@ class FleetTier:
         self.breaker = Breaker(breaker_state, self.on_error)
         self.refresh_every = LOCK_TTL / 3
         self.wait_max = 30.0  # a live, slow lock holder elsewhere: then render here anyway
-        self.failure_ttl = failure_ttl  # a failed render's outcome is kept this long
         self._r = _client(url, 64, timeout, timeout)
         self._w = _client(url, MAX_WAITERS, timeout, WAIT_SLICE + timeout)
         self._acquire = self._r.register_script(_ACQUIRE)
@@ -263,9 +261,9 @@ class FleetTier:
 
     async def release(self, key: str, token: str, failure: Failure | None) -> None:
         _, lock, done = self._keys(key)
-        status, reason = failure or (0, "")
+        status, reason, keep = failure or (0, "", 0.0)
         ok = 0 if failure else 1
-        args = [token, ok, DONE_TTL_MS, status, reason, int(self.failure_ttl * 1000)]
+        args = [token, ok, DONE_TTL_MS, status, reason, max(1, int(keep * 1000))]
         await self._call(self._release, keys=[lock, done, self._fail_key(key)], args=args)
 
     async def failure(self, key: str) -> Failure | None:
