@@ -42,7 +42,9 @@ ALLOWED: dict[str, set[str]] = {
     "fastcodecs": set(),
     # the render pool: execute() is the render job (read from sources, sniff, Plan,
     # transform.render); it may run in a render process, so it needs them directly
-    "pool": {"sniff", "transform", "params", "sources"} | BASE,
+    "pool": {"admission", "sniff", "transform", "params", "sources"} | BASE,
+    # the instance's permits and queue (shared memory made by the main process)
+    "admission": {"errors"},
     "produce": {"cache", "flight", "pool", "transform", "sniff", "params", "sources"} | BASE,
     # cache: MemoryTier, the passthrough file memo
     "service": {"produce", "params", "sources", "sniff", "negotiate", "cache"} | BASE,

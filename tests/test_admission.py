@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from imgproxy import pool
+from imgproxy import admission as adm
 from imgproxy.errors import Overloaded
 
 
 def hold_two_permits(shared: dict[str, Any], ready: Any) -> None:
     """A worker (index 1) that takes two permits and never gives them back."""
-    admission = pool.Admission.for_worker(SimpleNamespace(**shared), 3, 0, 1)
+    admission = adm.Admission.for_worker(SimpleNamespace(**shared), 3, 0, 1)
     admission.enter()
     admission.acquire()
     admission.acquire()
@@ -27,7 +27,7 @@ def hold_two_permits(shared: dict[str, Any], ready: Any) -> None:
 
 def test_a_killed_workers_permits_are_given_back() -> None:
     ctx = multiprocessing.get_context("spawn")
-    shared = pool.shared_primitives(threads=3, workers=2)
+    shared = adm.shared_primitives(threads=3, workers=2)
     ready = ctx.Event()
     worker = ctx.Process(target=hold_two_permits, args=(shared, ready))
     worker.start()
@@ -38,23 +38,23 @@ def test_a_killed_workers_permits_are_given_back() -> None:
     finally:
         if worker.is_alive():
             worker.kill()
-    here = pool.Admission.for_worker(SimpleNamespace(**shared), 3, 0, 0)
+    here = adm.Admission.for_worker(SimpleNamespace(**shared), 3, 0, 0)
     assert here.admitted() == 1  # the dead worker's queue place is still counted
     here.acquire(wait=0.05)  # the one permit it left
     with pytest.raises(Overloaded):
         here.acquire(wait=0.05)  # two leaked
     here.release()
-    assert pool.reclaim(SimpleNamespace(**shared), 1, 3) == 2
+    assert adm.reclaim(SimpleNamespace(**shared), 1, 3) == 2
     assert here.admitted() == 0
     for _ in range(3):
         here.acquire(wait=0.05)  # all three again
-    assert pool.reclaim(SimpleNamespace(**shared), 1, 3) == 0  # nothing twice
+    assert adm.reclaim(SimpleNamespace(**shared), 1, 3) == 0  # nothing twice
 
 
 def test_queue_bound_counts_every_worker() -> None:
-    shared = pool.shared_primitives(threads=1, workers=2)
-    a = pool.Admission.for_worker(SimpleNamespace(**shared), 1, 1, 0)
-    b = pool.Admission.for_worker(SimpleNamespace(**shared), 1, 1, 1)
+    shared = adm.shared_primitives(threads=1, workers=2)
+    a = adm.Admission.for_worker(SimpleNamespace(**shared), 1, 1, 0)
+    b = adm.Admission.for_worker(SimpleNamespace(**shared), 1, 1, 1)
     a.enter()
     b.enter()  # one running + one queued, over two workers
     with pytest.raises(Overloaded):
@@ -88,7 +88,7 @@ class DiesInside:
 def die_between(shared: dict[str, Any], when: str) -> None:
     """Worker 1: holds one permit cleanly, then dies inside the bookkeeping of another."""
     ns = SimpleNamespace(**shared)
-    admission = pool.Admission.for_worker(ns, 3, 0, 1)
+    admission = adm.Admission.for_worker(ns, 3, 0, 1)
     admission.acquire()
     admission.acquire()  # a second one, to give back below when `when` is release
     admission.slots = DiesInside(shared["flight_slots"], when)
@@ -103,9 +103,9 @@ def test_a_kill_inside_the_bookkeeping_loses_no_permit(when: str) -> None:
     """SIGKILL between `slots.acquire()` and the count (or between the count and
     `slots.release()`): the main process still gets every permit back, and no more."""
     ctx = multiprocessing.get_context("spawn")
-    shared = pool.shared_primitives(threads=3, workers=2)
+    shared = adm.shared_primitives(threads=3, workers=2)
     ns = SimpleNamespace(**shared)
-    other = pool.Admission.for_worker(ns, 3, 0, 0)
+    other = adm.Admission.for_worker(ns, 3, 0, 0)
     worker = ctx.Process(target=die_between, args=(shared, when))
     worker.start()
     worker.join(60)
@@ -113,20 +113,20 @@ def test_a_kill_inside_the_bookkeeping_loses_no_permit(when: str) -> None:
     # the dead worker held 3 (acquire) or 2 (release) permits, one of them not in its count
     dead_held = 3 if when == "acquire" else 2
     assert shared["flight_slots"].get_value() == 3 - dead_held
-    assert pool.reclaim(ns, 1, 3) == dead_held
+    assert adm.reclaim(ns, 1, 3) == dead_held
     for _ in range(3):
         other.acquire(wait=0.05)  # all three again
     with pytest.raises(Overloaded):
         other.acquire(wait=0.05)  # and not a fourth
-    assert pool.reclaim(ns, 1, 3) == 0
+    assert adm.reclaim(ns, 1, 3) == 0
 
 
 def test_settle_never_returns_a_permit_a_live_worker_holds() -> None:
     """A live worker's permits are not "lost" even when a dead one was unsure."""
-    shared = pool.shared_primitives(threads=2, workers=2)
+    shared = adm.shared_primitives(threads=2, workers=2)
     ns = SimpleNamespace(**shared)
-    live = pool.Admission.for_worker(ns, 2, 0, 0)
+    live = adm.Admission.for_worker(ns, 2, 0, 0)
     live.acquire()
     live.acquire()
-    assert pool.settle(ns, 2, unsure=2) == 0
+    assert adm.settle(ns, 2, unsure=2) == 0
     assert shared["flight_slots"].get_value() == 0
