@@ -105,3 +105,41 @@ def test_render_read_is_capped(tmp_path: Path) -> None:
     assert len(read_capped(str(path), 5000)) == 2003
     with pytest.raises(UnprocessableImage):
         read_capped(str(path), 1000)  # grew past the size checked at stat time
+
+
+def read_chars() -> int:
+    """Bytes this process has passed to read()/pread() so far (/proc/self/io `rchar`): the
+    in-process server's file reads included."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("mib", [4, 16], ids=["read-in-a-thread", "under-the-stream-limit"])
+def test_head_and_304_passthrough_read_only_the_first_bytes(
+    serve: Callable[..., Server], tmp_path: Path, mib: int
+) -> None:
+    """HEAD and a conditional passthrough that ends in 304 sniff the first bytes and take
+    the length from stat: they never read (or hold) the whole file."""
+    root = tmp_path / "head"
+    root.mkdir()
+    size = mib << 20
+    (root / "big.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * (size - 4))
+    s = serve(root)
+    before = read_chars()
+    head = s.request("HEAD", "/big.jpg")
+    after_head = read_chars()
+    assert head.status == 200 and head.body == b""
+    assert head.headers["content-length"] == str(size)
+    assert head.headers["content-type"] == "image/jpeg"
+    assert after_head - before < 1 << 20, "HEAD read the whole file"
+    not_modified = s.get("/big.jpg", headers={"If-None-Match": head.headers["etag"]})
+    assert not_modified.status == 304 and not_modified.body == b""
+    assert read_chars() - after_head < 1 << 20, "a 304 read the whole file"
+    full = s.get("/big.jpg")
+    assert full.status == 200 and len(full.body) == size  # a GET still sends it all
+    text = root / "text.jpg"
+    text.write_bytes(b"not an image" * 200_000)
+    assert s.request("HEAD", "/text.jpg").status == 415  # sniffed from the first bytes
+    assert s.get("/text.jpg", headers={"If-None-Match": "*"}).status == 415

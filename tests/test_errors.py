@@ -109,3 +109,35 @@ def test_overload_gives_503_with_retry_after(serve: Callable[..., Server]) -> No
             check_error(r, 503)
             assert r.headers["retry-after"].isdigit()
     assert s.get("/health").status == 200
+
+
+def test_the_servers_own_failure_is_counted_before_its_500(
+    serve: Callable[..., Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception that is not one of ours (here: the worker's render executor is shut
+    down, as during a shutdown race) is a 500 with the generic reason, logged once with its
+    traceback, and counted in image_requests_total{status="error"} like every answer (the
+    5xx alert watches it)."""
+    s = serve()
+    assert s.app is not None
+    s.app.ctx.service.producer.pool.executor.shutdown()  # a real collaborator, failing
+    with caplog.at_level("ERROR", logger="imgproxy"):
+        r = s.get("/landscape.jpg?size=10&format=png")
+    check_error(r, 500)
+    assert r.text == "internal error"
+    assert s.metric("image_requests_total", status="error", format="png") == 1
+    tracebacks = [rec for rec in caplog.records if rec.exc_info]
+    assert len(tracebacks) == 1 and "RuntimeError" in caplog.text
+    assert s.get("/landscape.jpg").status == 200  # passthrough needs no render
+
+
+def test_a_failing_source_renders_once_per_window(serve: Callable[..., Server]) -> None:
+    """A poisoned source (a valid header, a corrupt body) is rendered once: the requests
+    after it get the same 422 from the negative entry, not a render each."""
+    s = serve()
+    answers = [s.get("/truncated.jpg?size=100&format=png") for _ in range(5)]
+    for r in answers:
+        check_error(r, 422)
+    assert len({r.body for r in answers}) == 1
+    assert s.metric("image_render_failures_total", status="422") == 1
+    assert s.get("/landscape.jpg?size=100&format=png").status == 200  # other keys render

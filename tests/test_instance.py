@@ -161,3 +161,19 @@ def test_no_usable_tmpfs_degrades_to_per_worker_memory(images: Path, tmp_path: P
         assert server.metric("image_transforms_total") <= 2  # at most once per worker
     output = "".join(server.output)
     assert output.count("instance memory tier unavailable") == 1, output
+
+
+def test_a_poisoned_source_renders_once_for_the_instance(images: Path, tmp_path: Path) -> None:
+    """A valid header over a corrupt body, asked 20 times at once over both workers and then
+    again: one render attempt; every client gets the same 422 (the holder's failure reaches
+    the waiters of the other worker through the lease, then a negative entry answers)."""
+    full = (images / "big.jpg").read_bytes()
+    (images / "poisoned.jpg").write_bytes(full[: len(full) // 3])
+    url = "/poisoned.jpg?size=300&format=webp"
+    with subprocess_server(env(images, tmp_path)) as (server, _):
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: raw_request(server.port, url), range(20)))
+        answers += [raw_request(server.port, url) for _ in range(10)]
+        assert {a.status for a in answers} == {422}
+        assert len({a.body for a in answers}) == 1
+        assert server.metric("image_render_failures_total") == 1

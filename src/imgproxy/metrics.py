@@ -119,6 +119,13 @@ class Metrics:
             ["format"],
             registry=r,
         )
+        self.render_failures = Counter(
+            "image_render_failures",
+            "Renders that failed, by HTTP status (a failing source renders once per "
+            "negative-entry window: its waiters and repeats share the failure)",
+            ["status"],
+            registry=r,
+        )
         self.overloaded = Counter(
             "image_overload_rejections",
             "Requests refused with 503 because the queue was full",

@@ -18,7 +18,7 @@ from dataclasses import astuple, dataclass
 from . import flight, sniff, transform
 from .cache import CacheChain, Entry
 from .config import Settings
-from .errors import RenderFailed, UpstreamError
+from .errors import ImgProxyError, Overloaded, RenderFailed, UpstreamError
 from .metrics import Metrics
 from .params import TransformSpec
 from .pool import Job, Pool, check_source
@@ -128,9 +128,15 @@ class Producer:
             # only the public reason from the app's error handler, which does not log
             cause = " ".join(str(exc.__cause__).split())  # libvips errors span lines
             log.error("render failed for %s: %s", spec.path, cause, exc_info=exc)
+            self.metrics.render_failures.labels("500").inc()
             raise
-        except UpstreamError:  # the only one a render raises: the origin's body is no image
-            self.metrics.fallback.labels("not_image").inc()
+        except Overloaded:
+            raise  # no render was attempted
+        except Exception as exc:
+            status = exc.status if isinstance(exc, ImgProxyError) else 500
+            self.metrics.render_failures.labels(str(status)).inc()
+            if isinstance(exc, UpstreamError):  # the only one a render raises: no image
+                self.metrics.fallback.labels("not_image").inc()
             raise
         for step, seconds in rendered.steps.items():
             self.metrics.steps.labels(step).observe(seconds)

@@ -309,4 +309,4 @@ class FleetTier:
         for client in (self._r, self._w):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    await client.aclose()
+                    await client.aclose(close_connection_pool=True)  # ours: from_url
