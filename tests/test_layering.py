@@ -33,12 +33,15 @@ BASE = {"config", "errors", "httpdates", "metrics", "logs", "signing"}
 LEAVES = {"negotiate", "params", "sources", "sniff", "cache", "flight", "transform"}
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    "geometry": set(),
     "httpdates": set(),
     "config": {"errors"},
     **{base: {"config", "errors", "httpdates"} for base in ("metrics", "logs", "signing")},
     **{leaf: {"config", "errors", "httpdates"} for leaf in LEAVES},
+    # geometry: pure box arithmetic shared by params (the key) and transform (the render)
+    "params": {"config", "errors", "httpdates", "geometry"},
     # fastcodecs is transform's private helper (bytes and buffers in and out, no pyvips)
-    "transform": {"config", "errors", "fastcodecs"},
+    "transform": {"config", "errors", "fastcodecs", "geometry"},
     "fastcodecs": set(),
     # the render pool: execute() is the render job (read from sources, sniff, Plan,
     # transform.render); it may run in a render process, so it needs them directly

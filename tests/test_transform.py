@@ -46,7 +46,17 @@ def max_band_spread(image: pyvips.Image) -> float:
 
 def test_render_is_a_visible_list_of_steps() -> None:
     names = [step.name for step in transform.STEPS]
-    assert names == ["header", "load", "resize", "orient", "colour", "bw", "flatten", "encode"]
+    assert names == [
+        "header",
+        "load",
+        "resize",
+        "orient",
+        "colour",
+        "canvas",
+        "bw",
+        "flatten",
+        "encode",
+    ]
     assert {step.phase for step in transform.STEPS} == {"decode", "resize", "encode"}
 
 

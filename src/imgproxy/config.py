@@ -16,11 +16,15 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-FORMATS = ("avif", "jpeg", "png", "webp")
+# file extensions (and source types) served: `jpg` and `jpeg` are one format
 FORMAT_ALIASES = {"avif": "avif", "jpeg": "jpeg", "jpg": "jpeg", "png": "png", "webp": "webp"}
+# output formats (`format=`, negotiation): the sources' and JPEG XL, which is only written
+FORMATS = ("avif", "jpeg", "jxl", "png", "webp")
+OUTPUT_ALIASES = {**FORMAT_ALIASES, "jxl": "jxl"}
 ALGORITHMS = ("lanczos3", "bicubic", "thumbnail", "auto")
 LOG_LEVELS = {
     "TRACE": "DEBUG",
@@ -175,9 +179,9 @@ def _formats(raw: str) -> tuple[str, ...]:
     """Comma list of formats (`jpg` = `jpeg`), order kept, duplicates dropped."""
     out: list[str] = []
     for item in _csv(raw):
-        fmt = FORMAT_ALIASES.get(item.lower())
+        fmt = OUTPUT_ALIASES.get(item.lower())
         if fmt is None:
-            raise ValueError(f"{item!r} is not a format (allowed avif, jpeg, jpg, png, webp)")
+            raise ValueError(f"{item!r} is not a format (allowed avif, jpeg, jpg, jxl, png, webp)")
         if fmt not in out:
             out.append(fmt)
     return tuple(out)
@@ -193,6 +197,25 @@ def _sizes(raw: str) -> tuple[int, ...]:
         return tuple(sorted({parse(item) for item in _csv(raw)}))
     except ValueError:
         raise ValueError("not a comma list of integers 1..65535") from None
+
+
+def _qualities(raw: str) -> tuple[int, ...]:
+    parse = _int(1, 100)
+    try:
+        return tuple(sorted({parse(item) for item in _csv(raw)}))
+    except ValueError:
+        raise ValueError("not a comma list of integers 1..100") from None
+
+
+def _dpr_cap(raw: str) -> Decimal:
+    s = raw.strip()
+    try:
+        v = Decimal(s)
+    except InvalidOperation:
+        raise ValueError("not a number (allowed 1.0..10.0)") from None
+    if not (v.is_finite() and Decimal(1) <= v <= Decimal(10)):
+        raise ValueError("out of range (allowed 1.0..10.0)")
+    return v
 
 
 def _keys(raw: str) -> tuple[str, ...]:
@@ -301,7 +324,7 @@ class Images:
         "IMAGE_PROXY_PREFERRED_FORMATS",
         "",
         _formats,
-        "formats negotiated from Accept, in order (e.g. avif,webp; empty: no negotiation)",
+        "formats negotiated from Accept, in order (e.g. jxl,avif,webp; empty: no negotiation)",
     )
     allowed_output_formats: frozenset[str] = setting(
         "IMAGE_PROXY_ALLOWED_OUTPUT_FORMATS",
@@ -341,6 +364,19 @@ class EncodeOptions:
     )
     webp_lossless: bool = setting(
         "IMAGE_PROXY_WEBP_LOSSLESS", "false", _bool, "encode WebP losslessly"
+    )
+    jxl_quality: int = setting(
+        "IMAGE_PROXY_JXL_QUALITY", "77", _int(1, 100), "JPEG XL quality 1-100"
+    )
+    jxl_effort: int = setting(
+        "IMAGE_PROXY_JXL_EFFORT", "4", _int(1, 9), "JPEG XL effort 1-9 (higher = slower, smaller)"
+    )
+    jxl_recompress_jpeg: bool = setting(
+        "IMAGE_PROXY_JXL_RECOMPRESS_JPEG",
+        "true",
+        _bool,
+        "a JPEG asked for as JPEG XL with no other transform parameter is recompressed "
+        "losslessly (rebuilds the JPEG bit for bit, ~20 % smaller)",
     )
     png_compression: int = setting(
         "IMAGE_PROXY_PNG_COMPRESSION_LEVEL", "6", _int(0, 9), "PNG zlib level 0-9"
@@ -510,6 +546,18 @@ class Security:
         "",
         _sizes,
         "target edges allowed, comma-separated; others snap up to the next one (empty: any)",
+    )
+    allowed_qualities: tuple[int, ...] = setting(
+        "IMAGE_PROXY_ALLOWED_QUALITIES",
+        "",
+        _qualities,
+        "q values allowed, comma-separated; others snap to the nearest, a tie to the higher (empty: any)",
+    )
+    max_dpr: Decimal = setting(  # noqa: RUF009 (Decimal is immutable)
+        "IMAGE_PROXY_MAX_DPR",
+        "3",
+        _dpr_cap,
+        "cap of a used Sec-CH-DPR (rounded up to a multiple of 0.5 first); the dpr parameter is not capped",
     )
 
 

@@ -11,6 +11,16 @@ This module runs those steps with the same libraries built for speed:
     encode_jpeg   Pillow's libjpeg-turbo 3.2, Huffman tables optimised like our
                   jpegsave(optimize_coding=True)
 
+and the one codec pyvips-binary lacks, JPEG XL, through pillow-jxl-plugin (libjxl; chosen
+by measurement, bench/README.md "JPEG XL"):
+
+    encode_jxl     lossy JPEG XL of an 8-bit image (L, LA, RGB, RGBA)
+    recompress_jpeg  lossless JPEG -> JPEG XL: the JPEG's own DCT data, no decode; the
+                     original rebuilds bit for bit from the result (djxl)
+
+`VERSIONS`: every library here, for the cache key (an upgrade must never serve bytes made
+by the old one).
+
 Every function returns None when it cannot guarantee the libvips result (CMYK, a libjpeg
 warning such as a truncated file, an odd band count, lossless WebP): the caller then takes
 the libvips path, which stays the single source of truth for errors and edge cases.
@@ -20,16 +30,37 @@ Both libraries release the GIL while they work.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 from dataclasses import dataclass
 from typing import Any
 
+import pillow_jxl
 import simplejpeg
-from PIL import Image
+from PIL import Image, features
 
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+# pillow-jxl-plugin 1.3.8's own stub predates its Encoder's signature (mode=, effort=, ...)
+_JxlEncoder: Any = pillow_jxl.Encoder
 _MAX_EDGE = {"webp": 16383, "jpeg": 65500}  # larger: libvips raises the error
 _MIN_EDGE = 64  # below this a DCT scale could be met by a smaller factor; leave it to libvips
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
+        return "unknown"
+
+
+# computed at import, never hand-bumped: the distributions and the codec libraries inside
+VERSIONS = {
+    "pillow": _version("pillow"),
+    "pillow-libjpeg-turbo": str(features.version("libjpeg_turbo")),
+    "pillow-libwebp": str(features.version("webp")),
+    "simplejpeg": _version("simplejpeg"),
+    "pillow-jxl-plugin": _version("pillow-jxl-plugin"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,3 +131,45 @@ def encode_jpeg(pixels: Pixels, quality: int) -> bytes | None:
         return None
     extra = {"subsampling": 2 if quality < 90 else 0} if pixels.bands == 3 else {}  # 4:2:0 / 4:4:4
     return _save(pixels, "jpeg", quality=quality, optimize=True, **extra)
+
+
+def encode_jxl(pixels: Pixels, quality: int, effort: int) -> bytes | None:
+    """Lossy JPEG XL (libjxl's quality -> butteraugli distance mapping), one thread: the
+    render pool owns the cores. None when libjxl refuses."""
+    mode = _MODES.get(pixels.bands)
+    if mode is None:
+        return None
+    encoder = _JxlEncoder(
+        mode=mode,
+        lossless=False,
+        quality=quality,
+        decoding_speed=0,
+        effort=effort,
+        use_container=False,
+        use_original_profile=False,
+        num_threads=1,  # the default, -1, takes every core
+    )
+    try:
+        return bytes(encoder(bytes(pixels.data), pixels.width, pixels.height, jpeg_encode=False))
+    except (RuntimeError, ValueError):
+        return None
+
+
+def recompress_jpeg(data: bytes, width: int, height: int, effort: int) -> bytes | None:
+    """The JPEG's own coefficients as JPEG XL (~20 % smaller, lossless: it rebuilds bit for
+    bit); None when libjxl cannot transcode it (CMYK, arithmetic coding, corrupt data):
+    the caller then decodes and encodes."""
+    encoder = _JxlEncoder(
+        mode="RGB",
+        lossless=True,
+        quality=100,
+        decoding_speed=0,
+        effort=effort,
+        use_container=False,
+        use_original_profile=False,
+        num_threads=1,
+    )
+    try:
+        return bytes(encoder(data, width, height, jpeg_encode=True))
+    except (RuntimeError, ValueError):
+        return None

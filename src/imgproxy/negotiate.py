@@ -35,7 +35,14 @@ from collections.abc import Iterable
 
 MAX_ACCEPT = 4096  # characters read; real image Accept headers are under 200
 MEMO_CHARS = 512  # headers up to this long are memoised (256 of them: <= 128 KiB)
-SUBTYPES = {"avif": "avif", "webp": "webp", "png": "png", "jpeg": "jpeg", "jpg": "jpeg"}
+SUBTYPES = {
+    "avif": "avif",
+    "jxl": "jxl",  # Chromium 156 sends image/jxl first
+    "webp": "webp",
+    "png": "png",
+    "jpeg": "jpeg",
+    "jpg": "jpeg",
+}
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)

@@ -1,4 +1,5 @@
-"""Request -> TransformSpec: the sanitised relative path and the resolved transform.
+"""Request -> TransformSpec -> Output: the sanitised relative path, what the client asks
+for, and, once the source's header is known, what will be rendered.
 
 Everything a client controls is validated here, once, before any file is touched:
 
@@ -6,9 +7,15 @@ Everything a client controls is validated here, once, before any file is touched
   or dot-leading segments, no NUL/control characters/backslashes, no encoded slashes, no
   double encoding, valid UTF-8 only). A path that fails is a 404, never a 400: probing for
   traversal learns nothing. Root confinement against symlinks happens in `sources`.
-* only `format`, `size`, `resize_algorithm`, `dpr` and `bw=1` are transform parameters;
-  anything else (`bw=0` too) is ignored: it neither triggers a transform nor changes the
-  cache key.
+* only `format`, `size`, `resize_algorithm`, `dpr`, `bw=1`, `w`, `h`, `fit`, `gravity`,
+  `background` and `q` are transform parameters; anything else (`bw=0` too) is ignored: it
+  neither triggers a transform nor changes the cache key.
+
+`parse(...) -> TransformSpec` needs the URL and headers only; `resolve(spec, ...) -> Output`
+adds the facts of the source's header probe (its type and upright size) and is what the
+cache key is built from: identical outputs (`size=800`, `size=801` and `size=5000` on an
+800 px source; `w=h=400` and `size=400`; `q=77` and no `q` when 77 is the setting) share one
+entry and one render.
 """
 
 from __future__ import annotations
@@ -19,18 +26,41 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
-from .config import ALGORITHMS, FORMAT_ALIASES, Settings
+from . import geometry
+from .config import ALGORITHMS, FORMAT_ALIASES, OUTPUT_ALIASES, EncodeOptions, Settings
 from .errors import BadRequest, NotFound, UnsupportedMediaType
+from .geometry import Box, Geometry
 
-TRANSFORM_PARAMS = ("format", "size", "resize_algorithm", "dpr", "bw")
+TRANSFORM_PARAMS = (
+    "format",
+    "size",
+    "resize_algorithm",
+    "dpr",
+    "bw",
+    "w",
+    "h",
+    "fit",
+    "gravity",
+    "background",
+    "q",
+)
 MAX_SIZE = 4294967295
+MAX_BOX = 16384
 MAX_PATH_CHARS = 1024
 MAX_SEGMENT_BYTES = 255
+HALF = Decimal("0.5")
+# formats with an alpha channel: `contain` pads them transparent by default, JPEG white
+ALPHA_FORMATS = frozenset(("avif", "jxl", "png", "webp"))
+WHITE = (255, 255, 255, 255)
+TRANSPARENT = (0, 0, 0, 0)
 
 _SIZE_RE = re.compile(r"\+?[0-9]{1,10}")
+_BOX_RE = re.compile(r"\+?[0-9]{1,5}")
+_Q_RE = re.compile(r"\+?[0-9]{1,3}")
+_HEX_RE = re.compile(r"[0-9a-fA-F]{6}([0-9a-fA-F]{2})?")
 _DPR_RE = re.compile(r"\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|00)", re.IGNORECASE)
 _PERCENT_HEX = re.compile(r"%[0-9a-fA-F]{2}")
@@ -39,41 +69,132 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff]")  # + lone surrogates
 
 @dataclass(frozen=True, slots=True)
 class TransformSpec:
-    """What one request asks for, fully resolved (query > header > settings)."""
+    """What one request asks for, fully parsed (query > header > settings), before the
+    source is known."""
 
     path: str  # sanitised, relative to the root, "/"-separated
     transform: bool  # False: passthrough, the bytes are never decoded
     format: str | None = None  # output format; None = the source's own format
-    target: int | None = None  # longest output edge before the never-upscale clamp
+    target: int | None = None  # `size` x dpr (snapped): longest output edge before clamping
     algorithm: str = "auto"
     dpr: Decimal = Decimal(1)
     bw: bool = False  # `bw=1`: black and white
+    width: int | None = None  # `w` x dpr
+    height: int | None = None  # `h` x dpr
+    fit: str = "inside"
+    gravity: str = "center"
+    background: tuple[int, int, int, int] | None = None  # `background`, RGBA
+    quality: int | None = None  # `q`, snapped to IMAGE_PROXY_ALLOWED_QUALITIES
+    only_format: bool = True  # no transform parameter but `format` (lossless JXL from JPEG)
 
     @property
     def is_passthrough(self) -> bool:
         return not self.transform
 
-    def cache_key(self, source_identity: str, output_salt: str = "") -> str:
-        """Key of the rendered output: the resolved transform + the source's identity +
-        `output_salt` (everything else that changes the bytes: encoder settings, libvips).
+    @property
+    def box(self) -> Box:
+        return Box(self.target, self.width, self.height, self.fit, self.gravity)
 
-        Built from resolved values only, so `?v=3`, the raw URL spelling and a `Sec-CH-DPR`
-        that `size` does not use never fragment or collide entries.
-        """
-        algorithm = self.algorithm if self.target is not None else "-"
+    def cache_key(self, source_identity: str, output_salt: str = "") -> str:
+        """The key of this request on a source whose header is not known: the request
+        itself, resolved as far as the URL allows. The server keys `resolve(...)`'s
+        Output instead, which also merges requests that make identical outputs."""
+        unknown = Output(
+            self.path,
+            self.format or "-",
+            self.box,
+            None,
+            self.algorithm if self.box != Box() else "-",
+            self.bw,
+            self.quality,
+            self.background,
+        )
+        return unknown.cache_key(source_identity, output_salt)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What one render makes: `resolve(spec, ...)` of a spec and its source's header facts.
+    `geometry` is None when the header probe could not tell the upright size: the render
+    then resolves `box` itself against the decoded header, and the key holds the request."""
+
+    path: str
+    format: str  # avif, jpeg, jxl, png or webp
+    box: Box
+    geometry: Geometry | None
+    algorithm: str  # resolved (`none` when the size is kept) when geometry is known
+    bw: bool = False
+    quality: int | None = None  # the lossy encoder's quality; None: the format has none
+    background: tuple[int, int, int, int] | None = None  # the padding's colour (`pad` only)
+    recompress: bool = False  # lossless JPEG -> JPEG XL: the JPEG's own bytes, no decode
+
+    def cache_key(self, source_identity: str, output_salt: str = "") -> str:
+        """Key of the rendered output: the resolved output + the source's identity +
+        `output_salt` (everything else that changes the bytes: encoder settings, codec
+        library versions). Never the raw parameters: `?v=3`, the URL's spelling, a
+        `Sec-CH-DPR` that nothing uses, a `fit` that cannot matter all leave it alone."""
+        if self.recompress:
+            shape = "recompress"
+        elif self.geometry is None:
+            shape = f"raw {self.box!r} {self.algorithm}"
+        else:
+            g = self.geometry
+            shape = f"{g.resize} {g.canvas} {g.mode} {g.offset} {g.interesting} {self.algorithm}"
         raw = "\x00".join(
             (
-                "v1",
+                "v2",
                 self.path,
-                self.format or "-",
-                str(self.target or "-"),
-                algorithm,
+                self.format,
+                shape,
                 "bw" if self.bw else "-",
+                str(self.quality),
+                str(self.background),
                 source_identity,
                 output_salt,
             )
         )
         return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def resolve(
+    spec: TransformSpec,
+    source_kind: str,
+    source_format: str,
+    size: tuple[int, int] | None,
+    settings: Settings,
+) -> Output:
+    """The output `spec` makes of a source: `source_kind` its sniffed type, `source_format`
+    the output format when the request names none, `size` its upright size from the header
+    probe (None when the probe cannot tell). Pure: the same inputs, the same Output."""
+    fmt = spec.format or source_format
+    encode = settings.encode
+    recompress = (
+        fmt == "jxl" and source_kind == "jpeg" and spec.only_format and encode.jxl_recompress_jpeg
+    )
+    box = spec.box
+    if recompress:
+        return Output(spec.path, fmt, box, None, "none", recompress=True)
+    quality = spec.quality if spec.quality is not None else default_quality(fmt, encode)
+    if fmt == "png" or (fmt == "webp" and encode.webp_lossless):
+        quality = None  # PNG and lossless WebP ignore q
+    if size is None:
+        return Output(spec.path, fmt, box, None, spec.algorithm, spec.bw, quality, spec.background)
+    g = geometry.fit(box, *size)
+    algorithm = geometry.algorithm(spec.algorithm, g, *size)
+    background = None
+    if g.mode == "pad":
+        background = spec.background or (TRANSPARENT if fmt in ALPHA_FORMATS else WHITE)
+    return Output(spec.path, fmt, box, g, algorithm, spec.bw, quality, background)
+
+
+def default_quality(fmt: str, encode: EncodeOptions) -> int | None:
+    """The format's quality setting (what `q` overrides); None for PNG."""
+    return {
+        "jpeg": encode.jpeg_quality,
+        "webp": encode.webp_quality,
+        "avif": encode.avif_quality,
+        "jxl": encode.jxl_quality,
+    }.get(fmt)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -158,6 +279,51 @@ def snap(target: int, allowed: tuple[int, ...]) -> int:
     return allowed[min(bisect.bisect_left(allowed, target), len(allowed) - 1)]
 
 
+def snap_quality(q: int, allowed: tuple[int, ...]) -> int:
+    """IMAGE_PROXY_ALLOWED_QUALITIES (sorted): the nearest listed value, a tie going to the
+    higher one; `()` = any quality."""
+    if not allowed:
+        return q
+    return min(allowed, key=lambda a: (abs(a - q), -a))
+
+
+def header_dpr(raw: str | None, cap: Decimal) -> Decimal:
+    """A `Sec-CH-DPR` value as used: unparsable or outside 1.0..10.0 is ignored (1), a used
+    one is rounded up to a multiple of 0.5 and capped at IMAGE_PROXY_MAX_DPR, so one URL has
+    a handful of header variants (a signed URL cannot be made to render many sizes)."""
+    parsed = _parse_dpr(raw.strip()) if raw else None
+    if parsed is None:  # browsers send what they send: a bad header is ignored
+        return Decimal(1)
+    stepped = (parsed / HALF).to_integral_value(rounding=ROUND_CEILING) * HALF
+    return min(stepped, cap)
+
+
+def _scaled(value: int, dpr: Decimal) -> int:
+    # half away from zero: 101 x 2.5 = 253 (Python's round() would give 252)
+    return int((Decimal(value) * dpr).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def _keyword(args: dict[str, list[str]], name: str, allowed: tuple[str, ...]) -> str | None:
+    raw = _one(args, name)
+    if raw is None:
+        return None
+    value = raw.lower()
+    if value not in allowed:
+        raise BadRequest(f"invalid {name} (allowed {', '.join(allowed)})")
+    return value
+
+
+def _integer(
+    args: dict[str, list[str]], name: str, pattern: re.Pattern[str], hi: int
+) -> int | None:
+    raw = _one(args, name)
+    if raw is None:
+        return None
+    if not pattern.fullmatch(raw) or not 1 <= int(raw) <= hi:
+        raise BadRequest(f"invalid {name} (allowed integer 1..{hi})")
+    return int(raw)
+
+
 def parse(
     raw_path: str, query_string: str, headers: Mapping[str, str], settings: Settings
 ) -> TransformSpec:
@@ -169,18 +335,27 @@ def parse(
 
     fmt = _one(args, "format")
     if fmt is not None:
-        fmt = FORMAT_ALIASES.get(fmt.lower())
+        fmt = OUTPUT_ALIASES.get(fmt.lower())
         if fmt is None:
-            raise BadRequest("invalid format (allowed avif, jpeg, jpg, png, webp)")
+            raise BadRequest("invalid format (allowed avif, jpeg, jpg, jxl, png, webp)")
         if fmt not in settings.images.allowed_output_formats:
             raise UnsupportedMediaType(f"output format {fmt} is not allowed here")
 
-    size: int | None = None
-    raw_size = _one(args, "size")
-    if raw_size is not None:
-        if not _SIZE_RE.fullmatch(raw_size) or not 1 <= int(raw_size) <= MAX_SIZE:
-            raise BadRequest(f"invalid size (allowed integer 1..{MAX_SIZE})")
-        size = int(raw_size)
+    size = _integer(args, "size", _SIZE_RE, MAX_SIZE)
+    width = _integer(args, "w", _BOX_RE, MAX_BOX)
+    height = _integer(args, "h", _BOX_RE, MAX_BOX)
+    fit = _keyword(args, "fit", geometry.FITS)
+    gravity = _keyword(args, "gravity", geometry.GRAVITIES)
+    quality = _integer(args, "q", _Q_RE, 100)
+    background = _background(_one(args, "background"))
+    if size is not None and (width is not None or height is not None):
+        raise BadRequest("size and w/h cannot be combined")
+    if fit is not None and width is None and height is None:
+        raise BadRequest("fit needs w or h")
+    if gravity is not None and fit not in ("cover", "contain"):
+        raise BadRequest("gravity needs fit=cover or fit=contain")
+    if background is not None and fit != "contain":
+        raise BadRequest("background needs fit=contain")
 
     algorithm = settings.images.resize_algorithm
     raw_alg = _one(args, "resize_algorithm")
@@ -189,24 +364,27 @@ def parse(
         if algorithm not in ALGORITHMS:
             raise BadRequest(f"invalid resize_algorithm (allowed {', '.join(ALGORITHMS)})")
 
-    dpr = Decimal(1)
     raw_dpr = _one(args, "dpr")
     if raw_dpr is not None:
         parsed = _parse_dpr(raw_dpr)
         if parsed is None:
             raise BadRequest("invalid dpr (allowed 1.0..10.0)")
-        dpr = parsed
+        dpr = parsed  # signed with the URL: its exact value, not capped
     else:
-        header = headers.get("sec-ch-dpr")
-        parsed = _parse_dpr(header.strip()) if header else None
-        if parsed is not None:  # browsers send what they send: a bad header is ignored
-            dpr = parsed
+        dpr = header_dpr(headers.get("sec-ch-dpr"), settings.security.max_dpr)
 
+    allowed = settings.security.allowed_sizes
     target = None
     if size is not None:
-        # half away from zero: 101 x 2.5 = 253 (Python's round() would give 252)
-        target = int((Decimal(size) * dpr).to_integral_value(rounding=ROUND_HALF_UP))
-        target = snap(target, settings.security.allowed_sizes)
+        target = snap(_scaled(size, dpr), allowed)
+    if width is not None:
+        width = _scaled(width, dpr)
+    if height is not None:
+        height = _scaled(height, dpr)
+    if allowed and (width is not None or height is not None):
+        width, height = _snap_box(width, height, allowed)
+    if quality is not None:
+        quality = snap_quality(quality, settings.security.allowed_qualities)
     return TransformSpec(
         path=path,
         transform=True,
@@ -215,4 +393,36 @@ def parse(
         algorithm=algorithm,
         dpr=dpr,
         bw="bw" in args,  # repeated `bw=1` is still just on
+        width=width,
+        height=height,
+        fit=fit or "inside",
+        gravity=gravity or "center",
+        background=background,
+        quality=quality,
+        only_format=args.keys() == {"format"},
     )
+
+
+def _background(raw: str | None) -> tuple[int, int, int, int] | None:
+    if raw is None:
+        return None
+    if not _HEX_RE.fullmatch(raw):
+        raise BadRequest("invalid background (allowed RRGGBB or RRGGBBAA hex)")
+    value = bytes.fromhex(raw if len(raw) == 8 else raw + "ff")
+    return value[0], value[1], value[2], value[3]
+
+
+def _snap_box(
+    width: int | None, height: int | None, allowed: tuple[int, ...]
+) -> tuple[int | None, int | None]:
+    """IMAGE_PROXY_ALLOWED_SIZES on a box: its longest edge snaps like `size`, the other
+    edge follows by the same factor (the box keeps its aspect)."""
+    if width is None or height is None:
+        return (snap(width, allowed) if width else None), (
+            snap(height, allowed) if height else None
+        )
+    if width >= height:
+        w = snap(width, allowed)
+        return w, max(1, geometry.half_up(height * w, width))
+    h = snap(height, allowed)
+    return max(1, geometry.half_up(width * h, height)), h

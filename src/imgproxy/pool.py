@@ -30,7 +30,7 @@ from .errors import (
     UpstreamError,
 )
 from .metrics import Metrics
-from .params import TransformSpec
+from .params import Output
 from .sources import read_capped
 from .transform import Rendered
 
@@ -44,7 +44,7 @@ class Job:
     path: str | None  # a local file, read (capped) inside the job
     data: bytes | None  # a fallback origin's body
     size: int  # the located source's size in bytes
-    spec: TransformSpec  # what to render
+    spec: Output  # what to render: the resolved output (params.resolve)
 
 
 def not_an_image(fetched: bool) -> ImgProxyError:
@@ -75,17 +75,26 @@ def execute(job: Job, limits: Limits, encode: EncodeOptions) -> Rendered:
         assert job.path is not None
         data = read_capped(job.path, limits.max_source_bytes)
     kind = check_source(job.size, data, limits, job.data is not None)
-    spec = job.spec
-    plan = transform.Plan(
-        source_type=kind,
-        format=spec.format or sniff.source_format(kind, spec.path),
-        target=spec.target,
-        algorithm=spec.algorithm,
-        max_pixels=limits.max_source_pixels,
-        bw=spec.bw,
-        encode=encode,
-    )
+    plan = render_plan(job.spec, kind, limits, encode)
     return transform.render(data, plan)
+
+
+def render_plan(output: Output, kind: str, limits: Limits, encode: EncodeOptions) -> transform.Plan:
+    """The render of a resolved output, for a source of the sniffed `kind`: transform
+    resolves `box` against the decoded header itself (`geometry.fit`, the same arithmetic
+    the key was built with)."""
+    return transform.Plan(
+        source_type=kind,
+        format=output.format,
+        encode=encode,
+        max_pixels=limits.max_source_pixels,
+        algorithm=output.algorithm,
+        bw=output.bw,
+        box=output.box,
+        quality=output.quality,
+        background=output.background,
+        recompress=output.recompress,
+    )
 
 
 class Pool:

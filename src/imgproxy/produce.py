@@ -10,17 +10,16 @@ in each tier before it lets its lease go, so a waiter that sees the lease gone f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Awaitable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
-from . import flight, sniff, transform
+from . import flight, params, sniff, transform
 from .cache import CacheChain, Entry
 from .config import Settings
 from .errors import ImgProxyError, Overloaded, RenderFailed, UpstreamError
 from .metrics import Metrics
-from .params import TransformSpec
+from .params import Output
 from .pool import Job, Pool, check_source
 from .sources import Fetched, Located, read_file
 
@@ -53,12 +52,12 @@ class Producer:
             else None
         )
         # what else changes the output bytes besides the request: part of every cache key
-        self.output_salt = hashlib.sha256(
-            repr((transform.VERSION, astuple(settings.encode))).encode()
-        ).hexdigest()[:16]
+        # every codec library's version (computed) and the encoder settings
+        self.output_salt = params.output_salt(transform.codec_versions(), settings.encode)
 
-    def key(self, spec: TransformSpec, located: Located) -> str:
-        return spec.cache_key(located.identity, self.output_salt)
+    def key(self, output: Output, located: Located) -> str:
+        """The key of a resolved output (params.resolve, after the header probe)."""
+        return output.cache_key(located.identity, self.output_salt)
 
     def check(self, located: Located) -> str:
         """The checks a render would run first, from the source's head (type, file size,
@@ -73,7 +72,7 @@ class Producer:
             self.metrics.fallback.labels("not_image").inc()
             raise
 
-    async def produce(self, key: str, located: Located, spec: TransformSpec) -> Produced:
+    async def produce(self, key: str, located: Located, spec: Output) -> Produced:
         if isinstance(located, Fetched):
             job = Job(None, located.data, located.size, spec)
         else:

@@ -5,8 +5,9 @@ The signed string (SPEC "Signed URLs and a bounded size set"):
 
     /photos/caf%C3%A9.jpg?format=webp&size=400
     └ the path as the client sent it: still percent-encoded, IMAGE_PROXY_STRIP_PATH removed
-                          └ "?" + the transform parameters present (bw, dpr, format,
-                            resize_algorithm, size; whatever their value, so bw=0 too),
+                          └ "?" + the transform parameters present (background, bw, dpr,
+                            fit, format, gravity, h, q, resize_algorithm, size, w; whatever
+                            their value, so bw=0 too),
                             sorted, as name=value with the value exactly as sent, joined by "&"
 
 Nothing else is signed: `?v=3` or `utm_*` can be added without breaking the signature (the
@@ -43,7 +44,21 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
-SIGNED_PARAMS = frozenset(("bw", "dpr", "format", "resize_algorithm", "size"))
+SIGNED_PARAMS = frozenset(
+    (
+        "background",
+        "bw",
+        "dpr",
+        "fit",
+        "format",
+        "gravity",
+        "h",
+        "q",
+        "resize_algorithm",
+        "size",
+        "w",
+    )
+)
 SIG_PARAM = "sig"
 SIG_LENGTH = 43  # base64 of 32 bytes, without the one "=" of padding
 _BLOCK = 64  # SHA-256 block size, for HMAC

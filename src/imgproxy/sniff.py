@@ -19,9 +19,14 @@ CONTENT_TYPES = {
     "jpeg": "image/jpeg",
     "png": "image/png",
     "webp": "image/webp",
+    "jxl": "image/jxl",  # an output only: JPEG XL sources are not decoded (no jxlload)
 }
 SNIFF_BYTES = 64  # enough for every signature below
-PROBE_BYTES = 4096  # what `probe` wants: PNG chunks before IDAT, the AVIF `meta` box
+# what `probe` wants: PNG chunks before IDAT, the AVIF `meta` box, a JPEG's EXIF and SOF
+# (after EXIF thumbnails and ICC profiles: usually well under 64 KiB)
+PROBE_BYTES = 64 * 1024
+_JXL_CODESTREAM = b"\xff\x0a"
+_JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \x0d\x0a\x87\x0a"
 
 _AVIF_BRANDS = {b"avif", b"avis"}
 
@@ -45,6 +50,11 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
+def is_jxl(head: bytes) -> bool:
+    """A JPEG XL codestream or container (what `format=jxl` writes)."""
+    return head[:2] == _JXL_CODESTREAM or head[:12] == _JXL_CONTAINER
+
+
 def source_format(kind: str, path: str) -> str:
     """The output format when the request names none ("the source's own format").
 
@@ -63,14 +73,25 @@ def source_format(kind: str, path: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Probe:
     """What the first bytes say: the type, the stored size (None when the head cannot tell;
-    before any EXIF/irot rotation) and whether the image may have alpha. `has_alpha` is
-    conservative: True whenever the head does not prove the image opaque, so that an alpha
-    source never negotiates to JPEG."""
+    before any EXIF/irot rotation), whether the image may have alpha, and its EXIF
+    orientation (1-8; None when the head cannot tell). `has_alpha` is conservative: True
+    whenever the head does not prove the image opaque, so that an alpha source never
+    negotiates to JPEG."""
 
     kind: str
     width: int | None
     height: int | None
     has_alpha: bool
+    orientation: int | None = 1
+
+    @property
+    def upright(self) -> tuple[int, int] | None:
+        """The size as displayed (what the render resizes), or None when not known."""
+        if self.width is None or self.height is None or self.orientation is None:
+            return None
+        if self.orientation in (5, 6, 7, 8):  # the transposing orientations
+            return self.height, self.width
+        return self.width, self.height
 
 
 def probe(head: bytes) -> Probe | None:
@@ -84,8 +105,12 @@ def probe(head: bytes) -> Probe | None:
         alpha = _ALPHA[kind](head)
     except (struct.error, IndexError, ValueError):
         dims, alpha = None, None
+    try:
+        orientation = _ORIENTATION[kind](head)
+    except (struct.error, IndexError, ValueError):
+        orientation = None
     width, height = dims if dims is not None else (None, None)
-    return Probe(kind, width, height, True if alpha is None else alpha)
+    return Probe(kind, width, height, True if alpha is None else alpha, orientation)
 
 
 def dimensions(data: bytes, kind: str) -> tuple[int, int] | None:
@@ -278,4 +303,109 @@ _ALPHA = {
     "jpeg": _jpeg_alpha,
     "png": _png_alpha,
     "webp": _webp_alpha,
+}
+
+
+# -- orientation: what libvips will apply (EXIF `Orientation`), or None (the head cannot tell)
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 of a TIFF-structured EXIF block; 1 when absent or out of range
+    (libvips applies 2-8 only)."""
+    order = {b"II": "<", b"MM": ">"}[tiff[:2]]  # KeyError: not EXIF (caught as unknown)
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for i in range(count):
+        at = ifd + 2 + 12 * i
+        tag, kind = struct.unpack(order + "HH", tiff[at : at + 4])
+        if tag == 0x0112:
+            value = struct.unpack(order + "H", tiff[at + 8 : at + 10])[0] if kind == 3 else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _jpeg_orientation(data: bytes) -> int | None:
+    """The first APP1 `Exif` segment's orientation, walking the markers up to SOF."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in _SOF or marker in (0xD9, 0xDA):
+            return 1  # no EXIF before the frame: libvips reads none either
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
+            end = i + 2 + length
+            if end > len(data):
+                return None
+            try:
+                return _exif_orientation(data[i + 10 : end])
+            except KeyError:
+                return 1
+        i += 2 + length
+    return None
+
+
+def _png_orientation(data: bytes) -> int | None:
+    at = 8
+    while at + 8 <= len(data):
+        length, chunk = struct.unpack(">I4s", data[at : at + 8])
+        if chunk == b"eXIf":
+            if at + 8 + length > len(data):
+                return None
+            try:
+                return _exif_orientation(data[at + 8 : at + 8 + length])
+            except KeyError:
+                return 1
+        if chunk in (b"IDAT", b"IEND"):
+            return 1
+        at += 12 + length
+    return None
+
+
+def _webp_orientation(data: bytes) -> int | None:
+    """VP8X's EXIF flag set: the `EXIF` chunk's orientation when the head holds it (it sits
+    after the image data: small files only), else None; no flag: 1."""
+    if data[12:16] != b"VP8X" or not data[20] & 0x08:
+        return 1
+    at = 12
+    while at + 8 <= len(data):
+        chunk, length = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        if chunk == b"EXIF":
+            if at + 8 + length > len(data):
+                return None
+            exif = data[at + 8 : at + 8 + length]
+            try:
+                return _exif_orientation(exif[6:] if exif[:6] == b"Exif\0\0" else exif)
+            except KeyError:
+                return 1
+        at += 8 + length + (length & 1)
+    return None
+
+
+def _avif_orientation(data: bytes) -> int | None:
+    """libheif applies `irot` itself and libvips then reports the rotated size (and drops
+    any EXIF orientation): a quarter turn is a transposing orientation (6), else 1."""
+    meta = _avif_meta(data)
+    if meta is None or not meta[2]:
+        return None
+    start, end, _ = meta
+    at = data.find(b"irot", start, end)
+    if at < 0:
+        return 1
+    return 6 if data[at + 4] & 1 else 1  # angle = (byte & 3) x 90 degrees anticlockwise
+
+
+_ORIENTATION = {
+    "avif": _avif_orientation,
+    "gif": lambda data: 1,
+    "jpeg": _jpeg_orientation,
+    "png": _png_orientation,
+    "webp": _webp_orientation,
 }

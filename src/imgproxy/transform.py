@@ -2,16 +2,24 @@
 
 `render(data, plan)` runs `STEPS`, a visible list of small steps, each `(work) -> image`:
 
-    header   read the header only; refuse bombs (pixel limit) before a pixel is decoded
-    load     decode, shrinking on load where it can (JPEG DCT shrink, libvips `thumbnail`);
-             JPEG through `fastcodecs` (simplejpeg) when it can give libvips' exact pixels
-    resize   to the exact output size (never upscale), Lanczos3 or cubic, alpha premultiplied
+    header   read the header only; refuse bombs (pixel limit) before a pixel is decoded;
+             the output geometry (`geometry.fit`: size, box, fit, never upscale)
+    load     decode, shrinking on load where it can (JPEG DCT shrink, libvips `thumbnail`),
+             for `cover`/`contain`/`fill` too; JPEG through `fastcodecs` (simplejpeg) when
+             it can give libvips' exact pixels
+    resize   to the exact resized size, Lanczos3 or cubic, alpha premultiplied
     orient   apply EXIF orientation (after the resize: rotating the small image is cheaper)
     colour   convert to sRGB (embedded ICC profile honoured), 8 bits
+    canvas   `cover`: crop to the box by gravity (`smart`/`entropy`: libvips smartcrop);
+             `contain`: pad to the box with the background
     bw       `bw=1`: luminance (Rec. 709 weights on linear light), one grey band (+ alpha)
     flatten  JPEG only: alpha onto white
     encode   metadata stripped (EXIF, XMP, ICC); JPEG and lossy WebP through `fastcodecs`
-             (Pillow's -O3 builds of libjpeg-turbo/libwebp), the rest through libvips
+             (Pillow's -O3 builds of libjpeg-turbo/libwebp), JPEG XL through fastcodecs
+             (libjxl), the rest through libvips
+
+A JPEG asked for as JPEG XL with nothing else (`Plan.recompress`) skips the steps after
+`header`: its DCT coefficients are recompressed losslessly, never decoded.
 
 libvips evaluates lazily: the loop times each step into its phase (`decode`, `resize`,
 `encode`: the metrics' keys) and puts the pixels in memory at the end of the first two, so
@@ -24,6 +32,7 @@ executor threads: pyvips releases the GIL inside libvips.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import math
 import struct
 import time
@@ -33,24 +42,43 @@ from typing import Any
 
 import pyvips
 
-from . import fastcodecs
+from . import fastcodecs, geometry
 from .config import EncodeOptions
 from .errors import RenderFailed, UnprocessableImage
+from .geometry import Box, Geometry
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 # our four, and GIF sources (first frame; the libvips type is Nsgif, not Gif)
 _LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "Heif", "Nsgif"))
 _JPEG_SHRINKS = (8, 4, 2)
 _SRGB_DESCRIPTIONS = frozenset({"sRGB", "sRGB built-in", "sRGB IEC61966-2.1"})
-_AUTO_THRESHOLD = 0.8  # auto: thumbnail when target / longest source edge < 0.8
 _AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
 # What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
-# the libvips version, and PIPELINE, bumped whenever a change here changes output bytes.
-PIPELINE = 1
-VERSION = (
-    f"libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}; pipeline {PIPELINE}"
-)
+# every codec library's version, computed (libvips, and pyvips-binary, which builds its
+# codecs in; Pillow, its libjpeg-turbo and libwebp; simplejpeg; the JPEG XL encoder), and
+# PIPELINE, bumped whenever a change of ours here changes output bytes.
+PIPELINE = 2
+
+
+def codec_versions() -> dict[str, str]:
+    """Every library that decodes or encodes, with the version in use."""
+    libvips = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
+    return {
+        "libvips": libvips,
+        "pyvips-binary": _dist_version("pyvips-binary"),
+        **fastcodecs.VERSIONS,
+    }
+
+
+def _dist_version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # a libvips of the system's
+        return "none"
+
+
+VERSION = "; ".join(f"{k} {v}" for k, v in codec_versions().items()) + f"; pipeline {PIPELINE}"
 
 
 def configure(concurrency: int) -> None:
@@ -74,12 +102,20 @@ class Plan:
     """Everything one render needs besides the bytes, resolved by the service."""
 
     source_type: str  # sniffed: avif, gif, jpeg, png or webp
-    format: str  # output: avif, jpeg, png or webp
+    format: str  # output: avif, jpeg, jxl, png or webp
     encode: EncodeOptions
     max_pixels: int  # width x height from the header, checked before decoding
-    target: int | None = None  # longest output edge; None = keep the size
+    target: int | None = None  # longest output edge (`size`); None = keep the size
     algorithm: str = "auto"  # auto, thumbnail, lanczos3 or bicubic
     bw: bool = False
+    box: Box | None = None  # w/h/fit/gravity (instead of `target`)
+    quality: int | None = None  # the lossy encoder's quality; None: the format's setting
+    background: tuple[int, int, int, int] | None = None  # `pad` colour, RGBA
+    recompress: bool = False  # JPEG -> JPEG XL losslessly (a JPEG source only)
+
+    @property
+    def request(self) -> Box:
+        return self.box if self.box is not None else Box(target=self.target)
 
 
 @dataclass
@@ -99,8 +135,10 @@ class Work:
     plan: Plan
     image: pyvips.Image = None
     orientation: int = 1
-    size: tuple[int, int] = (0, 0)  # output size, upright
-    stored: tuple[int, int] = (0, 0)  # output size before orientation
+    size: tuple[int, int] = (0, 0)  # resized size, upright
+    stored: tuple[int, int] = (0, 0)  # resized size before orientation
+    geometry: Geometry | None = None
+    algorithm: str = "none"  # resolved: none, thumbnail, lanczos3 or bicubic
     resizing: bool = False
     upright: bool = False  # libvips' thumbnail has applied the orientation already
     decoded: bool = False  # the pixels are in memory: a libvips failure is ours, not the input's
@@ -121,13 +159,7 @@ class Step:
 def output_size(width: int, height: int, target: int | None) -> tuple[int, int]:
     """Box fit of the longest edge to `target`, never upscaling; the short edge is rounded
     half away from zero and at least 1 px."""
-    longest = max(width, height)
-    if target is None or target >= longest:
-        return width, height
-    scale = target / longest
-    if width >= height:
-        return target, max(1, math.floor(height * scale + 0.5))
-    return max(1, math.floor(width * scale + 0.5)), target
+    return geometry.fit(Box(target=target), width, height).canvas
 
 
 def render(data: bytes, plan: Plan) -> Rendered:
@@ -135,7 +167,13 @@ def render(data: bytes, plan: Plan) -> Rendered:
     RenderFailed (500, the libvips error chained as its cause) for our own failures."""
     work = Work(data, plan)
     timings = {"decode": 0.0, "resize": 0.0, "encode": 0.0}
-    for step in STEPS:
+    steps = STEPS
+    if plan.recompress and plan.source_type == "jpeg":
+        done = _recompress(work, timings)
+        if done is not None:
+            return done
+        steps = STEPS[1:]  # libjxl declined: decode and encode, the header is read
+    for step in steps:
         t0 = time.perf_counter()
         try:
             work.image = step.run(work)
@@ -162,7 +200,9 @@ def check_header(w: Work) -> pyvips.Image:
     w.orientation = header.get("orientation") if header.get_typeof("orientation") else 1
     swap = w.orientation in (5, 6, 7, 8)
     upright = (height, width) if swap else (width, height)
-    w.size = output_size(*upright, w.plan.target)
+    w.geometry = geometry.fit(w.plan.request, *upright)
+    w.algorithm = geometry.algorithm(w.plan.algorithm, w.geometry, *upright)
+    w.size = w.geometry.resize
     w.stored = (w.size[1], w.size[0]) if swap else w.size
     w.resizing = w.size != upright
     return header
@@ -178,13 +218,7 @@ def load(w: Work) -> pyvips.Image:
       pass (bounded memory for big PNGs; WebP/AVIF shrink on load) and orients.
     """
     header, (tw, th) = w.image, w.size
-    how = w.plan.algorithm if w.resizing else "full"
-    if how == "auto":
-        how = (
-            "thumbnail"
-            if max(w.size) / max(header.width, header.height) < _AUTO_THRESHOLD
-            else "lanczos3"
-        )
+    how = w.algorithm if w.resizing else "full"
     if w.plan.source_type == "jpeg":  # a full decode is DCT shrink 1
         shrink = _jpeg_shrink(header.width, header.height, *w.stored) if how == "thumbnail" else 1
         return _load_jpeg(w, header, shrink)
@@ -221,6 +255,27 @@ def colour(w: Work) -> pyvips.Image:
     return image
 
 
+def canvas(w: Work) -> pyvips.Image:
+    """`cover`: the box cut out of the resized image; `contain`: the resized image on a
+    canvas of the box's size, in the background colour (an alpha band added when the
+    colour is not opaque)."""
+    image, g = w.image, w.geometry
+    if g is None or not g.mode:
+        return image
+    cw, ch = g.canvas
+    if g.mode == "crop":
+        if g.interesting:
+            return image.smartcrop(cw, ch, interesting=g.interesting)
+        return image.crop(g.offset[0], g.offset[1], cw, ch)
+    r, gr, b, a = w.plan.background or (255, 255, 255, 255)
+    if a < 255 and not image.hasalpha():
+        image = image.bandjoin_const([255])
+    colour = [r, gr, b, a] if image.hasalpha() else [r, gr, b]
+    if image.bands - (1 if image.hasalpha() else 0) == 1:  # grey (+ alpha)
+        colour = [round(0.2126 * r + 0.7152 * gr + 0.0722 * b), *colour[3:]]
+    return image.embed(g.offset[0], g.offset[1], cw, ch, extend="background", background=colour)
+
+
 def black_and_white(w: Work) -> pyvips.Image:
     """libvips' sRGB -> B_W goes through linear light and takes Y = 0.2126 R + 0.7152 G +
     0.0722 B (Rec. 709), then re-applies the sRGB curve: pure green is far brighter than pure
@@ -238,21 +293,30 @@ def flatten(w: Work) -> pyvips.Image:
 
 
 def encode(w: Work) -> pyvips.Image:
-    image, fmt, o = w.image, w.plan.format, w.plan.encode
-    fast = _fast_encode(image, fmt, o) if o.fast_codecs else None
+    image, fmt, o, q = w.image, w.plan.format, w.plan.encode, w.plan.quality
+    if fmt == "jxl":
+        w.output = _encode_jxl(image, o.jxl_quality if q is None else q, o.jxl_effort)
+        return image
+    fast = _fast_encode(image, fmt, o, q) if o.fast_codecs else None
     if fast is not None:
         w.output = fast
     elif fmt == "jpeg":
         w.output = image.jpegsave_buffer(
-            Q=max(1, o.jpeg_quality), optimize_coding=True, keep=_KEEP_NONE
+            Q=max(1, o.jpeg_quality if q is None else q), optimize_coding=True, keep=_KEEP_NONE
         )
     elif fmt == "webp":
         w.output = image.webpsave_buffer(
-            Q=o.webp_quality, effort=o.webp_effort, lossless=o.webp_lossless, keep=_KEEP_NONE
+            Q=o.webp_quality if q is None else q,
+            effort=o.webp_effort,
+            lossless=o.webp_lossless,
+            keep=_KEEP_NONE,
         )
     elif fmt == "avif":
         w.output = image.heifsave_buffer(
-            Q=max(1, o.avif_quality), effort=o.avif_effort, keep=_KEEP_NONE, **_AVIF
+            Q=max(1, o.avif_quality if q is None else q),
+            effort=o.avif_effort,
+            keep=_KEEP_NONE,
+            **_AVIF,
         )
     else:
         w.output = image.pngsave_buffer(compression=o.png_compression, keep=_KEEP_NONE)
@@ -265,6 +329,7 @@ STEPS: tuple[Step, ...] = (
     Step("resize", "resize", resize),
     Step("orient", "resize", orient, materialise=True),
     Step("colour", "encode", colour),
+    Step("canvas", "resize", canvas),
     Step("bw", "encode", black_and_white),
     Step("flatten", "encode", flatten),
     Step("encode", "encode", encode),
@@ -302,7 +367,7 @@ def _load_jpeg(w: Work, header: pyvips.Image, shrink: int) -> pyvips.Image:
     return image
 
 
-def _fast_encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes | None:
+def _fast_encode(image: pyvips.Image, fmt: str, o: EncodeOptions, q: int | None) -> bytes | None:
     """JPEG, or lossy WebP, of an 8-bit image through fastcodecs (None: libvips' turn)."""
     if fmt not in ("jpeg", "webp") or (fmt == "webp" and o.webp_lossless):
         return None
@@ -310,8 +375,42 @@ def _fast_encode(image: pyvips.Image, fmt: str, o: EncodeOptions) -> bytes | Non
         return None
     pixels = fastcodecs.Pixels(image.write_to_memory(), image.width, image.height, image.bands)
     if fmt == "jpeg":
-        return fastcodecs.encode_jpeg(pixels, max(1, o.jpeg_quality))
-    return fastcodecs.encode_webp(pixels, o.webp_quality, o.webp_effort)
+        return fastcodecs.encode_jpeg(pixels, max(1, o.jpeg_quality if q is None else q))
+    return fastcodecs.encode_webp(pixels, o.webp_quality if q is None else q, o.webp_effort)
+
+
+def _encode_jxl(image: pyvips.Image, quality: int, effort: int) -> bytes:
+    """JPEG XL through fastcodecs (pyvips-binary has no jxlsave); its refusal is ours."""
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    pixels = fastcodecs.Pixels(image.write_to_memory(), image.width, image.height, image.bands)
+    out = fastcodecs.encode_jxl(pixels, quality, effort)
+    if out is None:
+        raise RenderFailed() from RuntimeError(f"libjxl refused a {image.bands}-band image")
+    return out
+
+
+def _recompress(w: Work, timings: dict[str, float]) -> Rendered | None:
+    """Lossless JPEG -> JPEG XL after the header check (pixel limit); None when libjxl
+    cannot transcode this JPEG (the caller decodes and encodes instead)."""
+    t0 = time.perf_counter()
+    try:
+        header = check_header(w)
+    except pyvips.Error as exc:
+        raise UnprocessableImage("corrupt or truncated image") from exc
+    w.image = header
+    timings["decode"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = fastcodecs.recompress_jpeg(w.data, header.width, header.height, w.plan.encode.jxl_effort)
+    timings["encode"] += time.perf_counter() - t0
+    if out is None:
+        return None
+    width, height = (
+        (header.height, header.width)
+        if w.orientation in (5, 6, 7, 8)
+        else (header.width, header.height)
+    )
+    return Rendered(out, "jxl", width, height, timings)
 
 
 def _resize(image: pyvips.Image, width: int, height: int, kernel: str) -> pyvips.Image:
