@@ -4,7 +4,7 @@
 #   bash build/smoke.sh imgproxy.pyz
 #
 # Starts it twice (cold: first extraction into a fresh SHIV_ROOT, then warm) with 2 workers
-# on a free 127.0.0.1 port in its own session, checks passthrough, resize, AVIF, /metrics and
+# on a free 127.0.0.1 port in its own session, checks passthrough, resize, AVIF, JPEG XL, /metrics and
 # /health, stops it with SIGTERM to the process group, then checks --version, --help,
 # --check-config (good and bad environment) and, when another CPython minor is installed,
 # the wrong-interpreter message.
@@ -113,6 +113,13 @@ check(max(w, h) == 100 and (w, h) == (100, 67), f"?size=100 -> JPEG {w}x{h} (600
 status, ctype, body = get("/photos/sample.jpg?size=200&format=avif")
 check(status == 200 and ctype == "image/avif", "?format=avif -> 200 image/avif")
 check(body[4:12] == b"ftypavif", "AVIF magic ftypavif")
+
+status, ctype, body = get("/coffee.jpg?w=120&h=120&fit=cover&format=jxl")
+jxl = body[:2] == b"\xff\x0a" or body[4:8] == b"JXL "
+check(status == 200 and ctype == "image/jxl" and jxl, "?fit=cover&format=jxl -> 200 image/jxl")
+status, ctype, body = get("/coffee.jpg?format=jxl")
+check(status == 200 and body[4:8] == b"JXL " and len(body) < len(original),
+      f"?format=jxl: lossless JPEG recompression, {len(body)} < {len(original)} bytes")
 
 status, ctype, body = get("/chelsea.jpg?size=120&format=webp")
 check(status == 200 and body[:4] == b"RIFF" and body[8:12] == b"WEBP", "?format=webp -> RIFF/WEBP")
