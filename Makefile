@@ -25,7 +25,7 @@ run: install
 dev: install
 	IMAGE_PROXY_ROOT_PATH=data/images $(BIN)/sanic imgproxy.app:create_app --factory --dev --host 127.0.0.1 --port 8000
 
-# redis-server, chromium + chromedriver, promtool: installed with apt-get when missing and
+# redis-server, chromium + chromedriver, promtool, djxl: installed with apt-get when missing and
 # root (Debian), otherwise listed; their tests skip outside CI
 test: install
 	bash build/system-deps.sh

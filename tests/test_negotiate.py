@@ -26,11 +26,11 @@ CHROME_NAVIGATION = (
 # (id, Accept, the formats it names explicitly with q > 0)
 CASES: list[tuple[str, str, set[str]]] = [
     ("chrome", CHROME, {"avif", "webp"}),
-    ("chromium-156-jxl-first", CHROMIUM_156, {"avif", "webp"}),
-    ("chrome-navigation", CHROME_NAVIGATION, {"avif", "webp"}),
+    ("chromium-156-jxl-first", CHROMIUM_156, {"jxl", "avif", "webp"}),
+    ("chrome-navigation", CHROME_NAVIGATION, {"jxl", "avif", "webp"}),
     ("firefox", FIREFOX, {"avif", "webp", "png"}),
     ("firefox-old", FIREFOX_OLD, {"webp"}),
-    ("safari", SAFARI, {"webp", "avif", "png"}),
+    ("safari", SAFARI, {"jxl", "webp", "avif", "png"}),
     ("edge-legacy", EDGE_LEGACY, {"png"}),
     ("curl-default", "*/*", set()),
     ("image-wildcard-only", "image/*", set()),

@@ -25,7 +25,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
@@ -185,6 +185,14 @@ def resolve(
     if g.mode == "pad":
         background = spec.background or (TRANSPARENT if fmt in ALPHA_FORMATS else WHITE)
     return Output(spec.path, fmt, box, g, algorithm, spec.bw, quality, background)
+
+
+def output_salt(versions: Mapping[str, str], encode: EncodeOptions) -> str:
+    """What changes the output bytes besides the request and the source: every codec
+    library's version (`transform.codec_versions()`: computed, never hand-bumped, so an
+    upgrade never serves bytes the old one made) and the encoder settings."""
+    raw = repr((sorted(versions.items()), astuple(encode)))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def default_quality(fmt: str, encode: EncodeOptions) -> int | None:

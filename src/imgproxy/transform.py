@@ -78,7 +78,7 @@ def _dist_version(dist: str) -> str:
         return "none"
 
 
-VERSION = "; ".join(f"{k} {v}" for k, v in codec_versions().items()) + f"; pipeline {PIPELINE}"
+VERSION = "; ".join(f"{k} {v}" for k, v in codec_versions().items())
 
 
 def configure(concurrency: int) -> None:
