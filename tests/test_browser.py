@@ -55,6 +55,13 @@ IMAGES = {
     "alpha": ("alpha.png", "", 200, "png"),
     "resized": ("photo.jpg", "?size=120", 120, "jpeg"),
 }
+# JPEG XL (Chromium 156 asks for it first): id -> (file, query, naturalWidth, naturalHeight)
+JXL_IMAGES = {
+    "photo": ("photo.jpg", "?size=160", 160, 120),
+    "alpha": ("alpha.png", "", 200, 150),
+    "cover": ("photo.jpg", "?w=100&h=100&fit=cover", 100, 100),
+    "recompressed": ("photo.jpg", "", 320, 240),  # lossless JPEG -> JPEG XL
+}
 
 
 def kind(body: bytes) -> str | None:
@@ -145,20 +152,29 @@ def static_site(html: str) -> Iterator[tuple[str, list[str]]]:
             httpd.server_close()
 
 
-def page(proxy: str) -> str:
+def page(proxy: str, images: dict[str, tuple[Any, ...]] = IMAGES) -> str:
     tags = "\n".join(
         f'<img id="{name}" src="{proxy}/{file}{query}" alt="{name}">'
-        for name, (file, query, _, _) in IMAGES.items()
+        for name, (file, query, *_) in images.items()
     )
     return f"<!doctype html><title>negotiation</title>{tags}\n<img id=probe src=/probe.png>"
 
 
 @contextlib.contextmanager
 def loaded(
-    browser: Any, images: Path, env: dict[str, str]
+    browser: Any,
+    images: Path,
+    env: dict[str, str],
+    tags: dict[str, tuple[Any, ...]] = IMAGES,
 ) -> Iterator[tuple[dict[str, Any], Server, str]]:
     full = {"IMAGE_PROXY_ROOT_PATH": str(images), "IMAGE_PROXY_WORKERS": "1", **env}
-    with subprocess_server(full) as (server, _), static_site(page(server.url)) as (url, accepts):
+    with (
+        subprocess_server(full) as (server, _),
+        static_site(page(server.url, tags)) as (
+            url,
+            accepts,
+        ),
+    ):
         browser.get(url)  # returns after the load event: every <img> has settled
         state = browser.execute_script(
             "return Object.fromEntries(Array.from(document.images).map(i => [i.id, "
@@ -208,3 +224,25 @@ def test_chromium_gets_the_source_formats_with_negotiation_off(browser: Any, ima
     with loaded(browser, images, {}) as (state, server, accept):
         assert "image/avif" in accept, accept
         check(state, server, accept, {n: fmt for n, (_, _, _, fmt) in IMAGES.items()})
+
+
+def test_chromium_gets_jxl_and_shows_it(browser: Any, images: Path) -> None:
+    """Issue 20: with jxl preferred, the browser's own Accept (image/jxl first) yields JPEG
+    XL, and every image decodes in the browser at its size: a photo, an alpha PNG, a
+    fit=cover crop, and a JPEG recompressed losslessly (rebuilt bit for bit by djxl)."""
+    from conftest import djxl
+
+    env = {"IMAGE_PROXY_PREFERRED_FORMATS": "jxl,avif,webp"}
+    with loaded(browser, images, env, JXL_IMAGES) as (state, server, accept):
+        assert accept.startswith("image/jxl"), accept
+        for name, (file, query, width, height) in JXL_IMAGES.items():
+            img = state[name]
+            assert img["complete"] and (img["w"], img["h"]) == (width, height), (name, img)
+            r = httpx.get(f"{server.url}/{file}{query}", headers={"Accept": accept}, timeout=60)
+            assert r.status_code == 200 and kind(r.content) == "jxl", name
+            assert r.headers["content-type"] == "image/jxl"
+        original = (images / "photo.jpg").read_bytes()
+        r = httpx.get(f"{server.url}/photo.jpg", headers={"Accept": accept}, timeout=60)
+        assert djxl(r.content, ".jpg") == original
+        # the browser's four requests, then ours with its Accept: each labelled jxl
+        assert server.metric("image_requests_total", format="jxl", status="ok") == 9
