@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System programs the test suite drives for real: redis-server (the fleet cache tier),
 # chromium + chromedriver (browser checks), promtool (alert unit tests), djxl (decodes the
-# JPEG XL outputs, rebuilds recompressed JPEGs bit for bit).
+# JPEG XL outputs, rebuilds recompressed JPEGs bit for bit), node (runs the README's front-end
+# recipes).
 # Run by `make test` before pytest. Installs what is missing with apt-get when run as root on
 # Debian/Ubuntu; otherwise it only says what is missing (those tests skip, except in CI) and
 # exits 0. A no-op when everything is there.
@@ -14,9 +15,10 @@ declare -A PACKAGE=(
     [chromedriver]=chromium-driver
     [promtool]=prometheus
     [djxl]=libjxl-tools
+    [node]=nodejs
 )
 missing=()
-for cmd in redis-server chromium chromedriver promtool djxl; do
+for cmd in redis-server chromium chromedriver promtool djxl node; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${PACKAGE[$cmd]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
