@@ -84,7 +84,38 @@ WORKLOADS = {
         "1200 px JPEG -> ~400 WebP q80",
     ),
     "W7": ("/" + BIG + "?size={size}&format=jpeg", BIG, "jpeg", "50 MP JPEG -> ~400 JPEG (RSS)"),
+    # issue 20: boxes beside W2's `size`, JPEG XL beside W3/W4 (same source, same ~400 px)
+    "W2c": (
+        "/photo-4000x3000.jpg?w={size}&h={h169}&fit=cover&format=jpeg",
+        "photo-4000x3000.jpg",
+        "jpeg",
+        "12 MP JPEG -> ~400x225 cover (16:9 card) JPEG q75",
+    ),
+    "W2s": (
+        "/photo-4000x3000.jpg?w={size}&h={size}&fit=cover&format=jpeg",
+        "photo-4000x3000.jpg",
+        "jpeg",
+        "12 MP JPEG -> ~400x400 cover (square) JPEG q75",
+    ),
+    "W3j": (
+        "/photo-4000x3000.jpg?size={size}&format=jxl&q=77",
+        "photo-4000x3000.jpg",
+        "jxl",
+        "12 MP JPEG -> ~400 JPEG XL q77 effort 4",
+    ),
 }
+# floors of the box workloads render the same box (`size` is the default)
+FLOOR_BOX = {
+    "W2c": lambda s: {"w": s, "h": round(s * 9 / 16), "fit": "cover"},
+    "W2s": lambda s: {"w": s, "h": s, "fit": "cover"},
+}
+
+
+def expand(template: str, size: int) -> str:
+    """A workload URL for one box size: {size}, and {h169} its 16:9 height."""
+    return template.format(size=size, h169=round(size * 9 / 16))
+
+
 CACHE_WORKLOADS = {
     # id -> (template, extra env, description)
     "W6-miss": ("/photo-1200.jpg?size=400&format=webp", {}, "W6, cache off (miss path)"),
@@ -381,7 +412,7 @@ def paths_file(template: str) -> str:
     import random
 
     if "{size}" in template:
-        paths = [template.format(size=s) for s in SIZES]
+        paths = [expand(template, s) for s in SIZES]
         random.Random(42).shuffle(paths)
     else:
         paths = [template]
@@ -424,6 +455,13 @@ def check(port: int, path: str, headers: dict[str, str] | None = None) -> str:
     try:
         import pyvips
 
+        if body[:2] == b"\xff\x0a" or body[4:8] == b"JXL ":  # no jxlload: ask djxl
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "x.jxl"), "wb") as fh:
+                    fh.write(body)
+                subprocess.run(["djxl", f"{tmp}/x.jxl", f"{tmp}/x.png"], capture_output=True)
+                im = pyvips.Image.new_from_file(f"{tmp}/x.png")
+            return f"{status} jxl {im.width}x{im.height}"
         im = pyvips.Image.new_from_buffer(body, "")
         fmt = im.get("vips-loader").replace("load_buffer", "").replace("heif", "avif")
         return f"{status} {fmt} {im.width}x{im.height}"
@@ -455,7 +493,7 @@ def measure(
 ) -> dict:
     paths = paths_file(template)
     try:
-        first = template.format(size=SIZES[0])
+        first = expand(template, SIZES[0])
         result: dict = {"check": check(port, first, headers)}
         if warmup > 0:
             wrk(port, paths, warmup, headers=headers)
@@ -657,9 +695,10 @@ def negotiation_micro(corpus: str) -> dict:
 
 
 def _floor_worker(args: tuple) -> tuple[int, float]:
-    path, fmt, mode, duration, warmup, start_at, offset = args
+    path, fmt, mode, duration, warmup, start_at, offset, wid = args
     os.environ["VIPS_CONCURRENCY"] = "1"
-    from imgproxy import transform
+    from imgproxy import geometry, transform
+    from imgproxy.geometry import Box
 
     transform.configure(1)
     import pyvips
@@ -673,11 +712,18 @@ def _floor_worker(args: tuple) -> tuple[int, float]:
 
     def one(i: int) -> None:
         size = SIZES[i % len(SIZES)]
-        if mode == "render":
-            transform.render(data, transform.Plan("jpeg", fmt, opts, 1 << 40, size, "auto"))
+        if wid in FLOOR_BOX:
+            b = FLOOR_BOX[wid](size)
+            box = Box(width=b["w"], height=b["h"], fit=b["fit"])
         else:
-            w, h = transform.output_size(hdr.width, hdr.height, size)
-            transform._load_jpeg_shrunk(data, hdr.width, hdr.height, w, h)
+            box = Box(target=size)
+        if mode == "render":
+            plan = transform.Plan("jpeg", fmt, opts, 1 << 40, None, "auto", box=box)
+            transform.render(data, plan)
+        else:  # the decode our transform chooses: the DCT shrink that covers the resize
+            rw, rh = geometry.fit(box, hdr.width, hdr.height).resize
+            shrink = transform._jpeg_shrink(hdr.width, hdr.height, rw, rh)
+            pyvips.Image.new_from_buffer(data, "", shrink=shrink).copy_memory()
 
     while time.time() < start_at:
         time.sleep(0.001)
@@ -705,7 +751,7 @@ def floors(
         quiesce()
         start_at = time.time() + 0.3
         args = [
-            (os.path.join(corpus, src), fmt, mode, duration, warmup, start_at, k * 7)
+            (os.path.join(corpus, src), fmt, mode, duration, warmup, start_at, k * 7, wid)
             for k in range(procs)
         ]
         res = pool.map(_floor_worker, args)
@@ -727,7 +773,9 @@ def main() -> int:
     )
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per workload")
     ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--only", help="comma list of W1,W2,W3,W4,W5,W7,cache,neg (default: all)")
+    ap.add_argument(
+        "--only", help="comma list of W1,W2,W2c,W2s,W3,W3j,W4,W5,W7,cache,neg (default: all)"
+    )
     ap.add_argument(
         "--neg-pairs", type=int, default=3, help="ABBA blocks of the negotiation overhead run"
     )
