@@ -616,3 +616,31 @@ def test_new_parameters_are_signed(
     assert s.get(f"/land.jpg?{tampered}&sig={sig}").status == 403
     # added to a URL signed without it: refused too
     assert s.get(f"/land.jpg?{signed}&q=10&sig={sig}").status == 403
+
+
+def test_signed_string_holds_every_new_parameter() -> None:
+    from imgproxy.signing import signed_string
+
+    query = "w=1&h=2&fit=cover&gravity=north&background=ffffff&q=5&v=3&utm_x=y"
+    assert signed_string("/a.jpg", query) == (
+        "/a.jpg?background=ffffff&fit=cover&gravity=north&h=2&q=5&w=1"
+    )
+
+
+def test_imgproxy_sign_signs_the_new_parameters(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from imgproxy.signing import sign_url
+
+    key = "s" * 40
+    url = "/a.jpg?w=400&h=225&fit=cover&gravity=smart&q=70&format=jxl"
+    out = subprocess.run(
+        [sys.executable, "-m", "imgproxy", "sign", url],
+        env={"IMAGE_PROXY_SIGNATURE_KEYS": key, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == sign_url(url, key)

@@ -215,3 +215,17 @@ def test_a_codec_upgrade_changes_every_key(tmp_path: Path) -> None:
     base = output_salt(now, s.encode)
     for name in now:
         assert output_salt({**now, name: now[name] + ".post1"}, s.encode) != base, name
+
+
+def test_a_jpeg_libjxl_cannot_transcode_is_encoded_instead(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    """CMYK: when libjxl declines to transcode a JPEG, it is decoded (sRGB) and encoded."""
+    from conftest import photo
+
+    photo(64, 48).icc_transform("cmyk").jpegsave(str(tmp_path / "cmyk.jpg"))
+    assert pyvips.Image.new_from_file(str(tmp_path / "cmyk.jpg")).bands == 4
+    r = serve(tmp_path).get("/cmyk.jpg?format=jxl")
+    assert r.status == 200 and r.headers["content-type"] == "image/jxl"
+    image = r.image()
+    assert (image.width, image.height) == (64, 48)

@@ -35,13 +35,19 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-import pillow_jxl
 import simplejpeg
 from PIL import Image, features
 
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-# pillow-jxl-plugin 1.3.8's own stub predates its Encoder's signature (mode=, effort=, ...)
-_JxlEncoder: Any = pillow_jxl.Encoder
+
+
+def _jxl_encoder(**options: Any) -> Any:
+    """pillow-jxl-plugin's Encoder, imported on first use (~0.1 s: a worker that never
+    writes JPEG XL never pays it). Typed Any: the package's own stub predates its
+    Encoder's signature (mode=, effort=, ...)."""
+    import pillow_jxl
+
+    return pillow_jxl.Encoder(**options)
 _MAX_EDGE = {"webp": 16383, "jpeg": 65500}  # larger: libvips raises the error
 _MIN_EDGE = 64  # below this a DCT scale could be met by a smaller factor; leave it to libvips
 
@@ -139,7 +145,7 @@ def encode_jxl(pixels: Pixels, quality: int, effort: int) -> bytes | None:
     mode = _MODES.get(pixels.bands)
     if mode is None:
         return None
-    encoder = _JxlEncoder(
+    encoder = _jxl_encoder(
         mode=mode,
         lossless=False,
         quality=quality,
@@ -159,7 +165,7 @@ def recompress_jpeg(data: bytes, width: int, height: int, effort: int) -> bytes 
     """The JPEG's own coefficients as JPEG XL (~20 % smaller, lossless: it rebuilds bit for
     bit); None when libjxl cannot transcode it (CMYK, arithmetic coding, corrupt data):
     the caller then decodes and encodes."""
-    encoder = _JxlEncoder(
+    encoder = _jxl_encoder(
         mode="RGB",
         lossless=True,
         quality=100,
