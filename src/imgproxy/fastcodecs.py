@@ -40,14 +40,6 @@ from PIL import Image, features
 
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
-
-def _jxl_encoder(**options: Any) -> Any:
-    """pillow-jxl-plugin's Encoder, imported on first use (~0.1 s: a worker that never
-    writes JPEG XL never pays it). Typed Any: the package's own stub predates its
-    Encoder's signature (mode=, effort=, ...)."""
-    import pillow_jxl
-
-    return pillow_jxl.Encoder(**options)
 _MAX_EDGE = {"webp": 16383, "jpeg": 65500}  # larger: libvips raises the error
 _MIN_EDGE = 64  # below this a DCT scale could be met by a smaller factor; leave it to libvips
 
@@ -137,6 +129,15 @@ def encode_jpeg(pixels: Pixels, quality: int) -> bytes | None:
         return None
     extra = {"subsampling": 2 if quality < 90 else 0} if pixels.bands == 3 else {}  # 4:2:0 / 4:4:4
     return _save(pixels, "jpeg", quality=quality, optimize=True, **extra)
+
+
+def _jxl_encoder(**options: Any) -> Any:
+    """pillow-jxl-plugin's Encoder, imported on first use (~0.1 s: a worker that never
+    writes JPEG XL never pays it). Typed Any: the package's own stub predates its
+    Encoder's signature (mode=, effort=, ...)."""
+    import pillow_jxl
+
+    return pillow_jxl.Encoder(**options)
 
 
 def encode_jxl(pixels: Pixels, quality: int, effort: int) -> bytes | None:
