@@ -13,8 +13,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+# the runtime versions the .pyz ships (build/requirements.lock); dev tools float
+$(VENV)/.installed: $(BIN)/python pyproject.toml build/requirements.lock
+	$(BIN)/pip install --quiet -e '.[dev]' -c build/requirements.lock
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import diskcache
@@ -16,6 +19,9 @@ import pyvips
 
 from conftest import Server, photo
 from imgproxy.cache import MemoryTier
+from imgproxy.cache.chain import WriteBehind
+from imgproxy.cache.fleet import OPEN_FIRST, OPEN_MAX, Breaker
+from imgproxy.cache.memory import Entry
 
 CACHE_ON = {"IMAGE_PROXY_ENABLE_CACHE": "true"}
 
@@ -253,3 +259,62 @@ def test_a_lease_is_refreshed_only_by_its_holder(tmp_path: Path) -> None:
         assert leases.held("k")
     finally:
         leases.close()
+
+
+def test_breaker_opens_after_trip_failures_and_one_probe_closes_it() -> None:
+    errors: list[int] = []
+    breaker = Breaker(None, lambda: errors.append(1))
+    state = breaker.state
+    breaker.failure(ConnectionError("down"))
+    assert breaker.closed and breaker.allow()  # one slow answer is not an outage
+    breaker.failure(ConnectionError("down"))
+    assert not breaker.closed and len(errors) == 2
+    state[0] = 0.0  # the open time is over (no sleeping in tests)
+    assert breaker.allow()  # half-open: this call is the probe
+    assert not breaker.allow()  # the others skip while it runs
+    breaker.success()
+    assert breaker.closed and breaker.allow() and breaker.allow()
+
+
+def test_breaker_open_time_doubles_per_failed_probe_up_to_its_cap() -> None:
+    breaker = Breaker([0.0, 0.0, 0.0], lambda: None)
+    opened: list[float] = []
+    for _ in range(Breaker.TRIP + 5):
+        before = time.monotonic()
+        breaker.failure(TimeoutError())
+        if not breaker.closed:
+            opened.append(breaker.state[0] - before)
+    expected = [min(OPEN_MAX, OPEN_FIRST * 2**n) for n in range(6)]  # 0.5, 1, 2, 4, 4, 4
+    assert [round(o * 2) / 2 for o in opened] == expected
+
+
+def test_write_behind_is_bounded_by_count_and_bytes_and_drains() -> None:
+    written: dict[str, Entry] = {}
+    drops: list[int] = []
+    gate = threading.Event()
+
+    def put(key: str, entry: Entry) -> bool:
+        gate.wait(10)
+        written[key] = entry
+        return True
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1) as executor:
+            wb = WriteBehind(put, executor, 2, 10, lambda: drops.append(1))
+            assert wb.submit("a", (b"aaaa", "t")) is not None
+            assert wb.submit("a", (b"aaaa", "t")) is None  # already waiting: not twice
+            assert wb.get("a") == (b"aaaa", "t")  # readable while it waits
+            assert wb.submit("big", (b"x" * 7, "t")) is None  # 4 + 7 bytes > 10
+            assert wb.submit("b", (b"bb", "t")) is not None
+            assert wb.submit("c", (b"c", "t")) is None  # 2 items waiting already
+            assert len(drops) == 2  # big and c; a duplicate is no drop
+            gate.set()
+            await wb.drain()
+            await asyncio.sleep(0)  # the done callbacks
+            assert (wb.pending, wb.bytes) == ({}, 0)
+            assert sorted(written) == ["a", "b"]
+            assert wb.submit("c", (b"c", "t")) is not None
+            await wb.drain()
+
+    asyncio.run(main())
+    assert "c" in written

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import pytest
 from imgproxy import flight
 from imgproxy.cache import FleetTier
 from imgproxy.cache.store import Leases
-from imgproxy.errors import Overloaded, RenderFailed, UnprocessableImage, UpstreamError
+from imgproxy.errors import NotFound, Overloaded, RenderFailed, UnprocessableImage, UpstreamError
 from realredis import RedisServer, redis_server
 
 __all__ = ["redis_server"]  # the fixture
@@ -227,3 +227,122 @@ def test_the_fleet_lock_hands_a_failure_to_its_waiters(redis_server: RedisServer
                 await tier.close()
 
     run(main())
+
+
+@pytest.fixture
+def leases(tmp_path: Path) -> Iterator[Leases]:
+    table = Leases(str(tmp_path / "leases"))
+    assert table.available
+    yield table
+    table.close()
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(4)
+    yield pool
+    pool.shutdown()
+
+
+def instance_lease(
+    leases: Leases, executor: ThreadPoolExecutor, done: dict[str, bytes]
+) -> flight.InstanceLease:
+    """A lease whose `ready(key)` is "the value is in `done`" (the instance tier's role)."""
+    return flight.InstanceLease(leases, lambda key: key in done, executor)
+
+
+def test_single_flight_shares_one_task_and_outlives_a_cancelled_caller() -> None:
+    calls = 0
+
+    async def main() -> None:
+        nonlocal calls
+        sf = flight.SingleFlight()
+        gate = asyncio.Event()
+
+        async def produce() -> str:
+            nonlocal calls
+            calls += 1
+            await gate.wait()
+            return "rendered"
+
+        first = asyncio.ensure_future(sf.run("k", produce))
+        second = asyncio.ensure_future(sf.run("k", produce))
+        await asyncio.sleep(0)
+        assert len(sf) == 1
+        first.cancel()  # a client that went away
+        gate.set()
+        assert await second == "rendered"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert len(sf) == 0
+
+    asyncio.run(main())
+    assert calls == 1
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (NotFound(), (404, NotFound.reason, flight.FAILURE_TTL)),
+        (UnprocessableImage("corrupt image"), (422, "corrupt image", flight.FAILURE_TTL)),
+        (ValueError("our bug"), (500, "internal error", flight.SHARED_TTL)),
+        (Overloaded(), None),
+        (asyncio.CancelledError(), None),
+    ],
+    ids=["source-404", "source-422", "our-500-briefly", "overload-never", "cancel-never"],
+)
+def test_what_waiters_are_told(exc: BaseException, expected: tuple[object, ...] | None) -> None:
+    failure = flight.failure_of(exc)
+    assert (tuple(failure) if failure else None) == expected
+    if failure is not None:
+        revived = flight.revive(failure)
+        assert (revived.status, revived.reason) == failure[:2]
+
+
+def test_once_elects_one_producer_and_the_waiters_take_its_result(
+    leases: Leases, executor: ThreadPoolExecutor
+) -> None:
+    done: dict[str, bytes] = {}
+    produced = 0
+
+    async def main() -> list[bytes]:
+        lease = instance_lease(leases, executor, done)
+
+        async def check() -> bytes | None:
+            return done.get("k")
+
+        async def produce() -> bytes:
+            nonlocal produced
+            produced += 1
+            await asyncio.sleep(0.05)  # the waiters find the lease held
+            done["k"] = b"body"
+            return b"body"
+
+        return await asyncio.gather(*(flight.once(lease, "k", check, produce) for _ in range(4)))
+
+    assert asyncio.run(main()) == [b"body"] * 4
+    assert produced == 1
+    assert not leases.held("k")  # the holder gave it back
+
+
+def test_once_produces_alone_when_the_lease_table_fails(executor: ThreadPoolExecutor) -> None:
+    """A lease table that cannot answer (its directory is gone) never costs the request."""
+    broken = Leases("/proc/no/such/dir")
+    assert not broken.available
+    produced = 0
+
+    async def main() -> bytes:
+        lease = instance_lease(broken, executor, {})
+
+        async def produce() -> bytes:
+            nonlocal produced
+            produced += 1
+            return b"alone"
+
+        async def check() -> bytes | None:
+            return None
+
+        return await flight.once(lease, "k", check, produce)
+
+    assert asyncio.run(main()) == b"alone"
+    assert produced == 1

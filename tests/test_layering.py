@@ -121,3 +121,21 @@ def test_direction_of_imports() -> None:
         _, local = imports(module)
         local.discard("__version__")
         assert local <= allowed, f"{module} imports {local - allowed}"
+
+
+def test_no_import_cycles() -> None:
+    """Module-level imports of the project (packages as one node) form no cycle."""
+    graph = {m: imports(m)[1] - {"__version__", m} for m in ALLOWED}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph.get(module, set())):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path, module, dep])
+            if dep not in state:
+                visit(dep, [*path, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])

@@ -5,37 +5,35 @@ Lives on the event loop: no locks. Items over `max_item` (and empty ones) are no
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from cachetools import LRUCache
 
 Entry = tuple[bytes, str]  # (body, content type)
+
+
+def body_size(entry: Entry) -> int:
+    return len(entry[0])
 
 
 class MemoryTier:
     def __init__(self, max_bytes: int, max_item: int) -> None:
         self.max_bytes = max(0, max_bytes)
         self.max_item = min(max_item, self.max_bytes)
-        self.size = 0
-        self._items: OrderedDict[str, Entry] = OrderedDict()
+        self._items: LRUCache[str, Entry] = LRUCache(max(1, self.max_bytes), body_size)
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def size(self) -> int:
+        """Bytes held."""
+        return int(self._items.currsize)
+
     def get(self, key: str) -> Entry | None:
-        entry = self._items.get(key)
-        if entry is not None:
-            self._items.move_to_end(key)
-        return entry
+        return self._items.get(key)
 
     def put(self, key: str, entry: Entry) -> bool:
         n = len(entry[0])
         if n > self.max_item or n == 0:
             return False
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= len(old[0])
         self._items[key] = entry
-        self.size += n
-        while self.size > self.max_bytes:
-            _, (body, _) = self._items.popitem(last=False)
-            self.size -= len(body)
         return True

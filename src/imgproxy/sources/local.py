@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import aiofiles
+from cachetools import TTLCache
 
 from ..errors import NotFound, UnprocessableImage
 
@@ -28,13 +28,15 @@ class LocalFile:
 
 class LocalSource:
     RESOLVE_TTL = 1.0  # seconds a resolved (realpath'd) path is reused
-    RESOLVE_MAX = 10_000  # entries kept before the memo is cleared
+    RESOLVE_MAX = 10_000  # paths remembered (least recently used go first)
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
         self._prefix = self.root.rstrip(os.sep) + os.sep
-        # rel -> (real path, expiry, (st_dev, st_ino) of the file it led to)
-        self._resolved: dict[str, tuple[str, float, tuple[int, int]]] = {}
+        # rel -> (real path, (st_dev, st_ino) of the file it led to), for RESOLVE_TTL
+        self._resolved: TTLCache[str, tuple[str, tuple[int, int]]] = TTLCache(
+            self.RESOLVE_MAX, self.RESOLVE_TTL
+        )
 
     def resolve(self, rel: str) -> str:
         """The real path of `rel`, which must stay under the root; NotFound otherwise.
@@ -56,17 +58,14 @@ class LocalSource:
         path is only trusted while it still leads to that same file: a file or a directory
         on the way swapped for a symlink (or a file replaced) makes it resolve afresh.
         """
-        now = time.monotonic()
         hit = self._resolved.get(rel)
-        if hit is not None and hit[1] > now:
+        if hit is not None:
             st = self._lstat(hit[0])
-            if (st.st_dev, st.st_ino) == hit[2]:
+            if (st.st_dev, st.st_ino) == hit[1]:
                 return self._located(hit[0], st)
         full = self.resolve(rel)
         st = self._lstat(full)
-        if len(self._resolved) >= self.RESOLVE_MAX:
-            self._resolved.clear()
-        self._resolved[rel] = (full, now + self.RESOLVE_TTL, (st.st_dev, st.st_ino))
+        self._resolved[rel] = (full, (st.st_dev, st.st_ino))
         return self._located(full, st)
 
     @staticmethod

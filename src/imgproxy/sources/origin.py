@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import quote
 
 import httpx
+from cachetools import LRUCache
 
 from ..config import Fallback
 from ..errors import NotFound, UpstreamError, UpstreamTimeout
@@ -64,8 +64,7 @@ class HttpSource:
             headers={"User-Agent": user_agent},
         )
         self.memo_bytes = memo_bytes
-        self._memo: OrderedDict[str, _Remembered] = OrderedDict()
-        self._memo_size = 0
+        self._memo: LRUCache[str, _Remembered] = LRUCache(max(1, memo_bytes), _remembered_size)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -99,7 +98,6 @@ class HttpSource:
             f = known.fetched
             if f.etag is None and f.last_modified is None:
                 if time.monotonic() - known.checked < self.revalidate_after:
-                    self._memo.move_to_end(rel)
                     return f
             else:
                 if f.etag is not None:
@@ -116,7 +114,6 @@ class HttpSource:
                             continue
                         if response.status_code == 304 and known is not None:
                             known.checked = time.monotonic()
-                            self._memo.move_to_end(rel)
                             return known.fetched
                         fetched = await self._read(response)
                         break
@@ -125,7 +122,7 @@ class HttpSource:
                 else:
                     raise UpstreamError("fallback origin redirected too many times")
         except NotFound:
-            self._forget(rel)
+            self._memo.pop(rel, None)
             raise
         except TimeoutError:
             raise UpstreamTimeout() from None
@@ -185,19 +182,13 @@ class HttpSource:
         )
 
     def _remember(self, rel: str, fetched: Fetched) -> None:
-        self._forget(rel)
-        if fetched.size > self.memo_bytes:
-            return
-        self._memo[rel] = _Remembered(fetched, time.monotonic())
-        self._memo_size += fetched.size
-        while self._memo_size > self.memo_bytes:
-            _, old = self._memo.popitem(last=False)
-            self._memo_size -= old.fetched.size
+        self._memo.pop(rel, None)
+        if fetched.size <= self.memo_bytes:
+            self._memo[rel] = _Remembered(fetched, time.monotonic())
 
-    def _forget(self, rel: str) -> None:
-        old = self._memo.pop(rel, None)
-        if old is not None:
-            self._memo_size -= old.fetched.size
+
+def _remembered_size(remembered: _Remembered) -> int:
+    return remembered.fetched.size
 
 
 def _printable(value: str | None) -> str | None:
