@@ -46,16 +46,18 @@ def served(prom: Path, main_pid: int) -> int:
     return len({p.stem.rsplit("_", 1)[1] for p in prom.glob("counter_*.db")} - {str(main_pid)})
 
 
-def instance_dirs() -> set[str]:
-    return {d for d in os.listdir("/dev/shm") if d.startswith("imgproxy-")}
+def instance_dirs(main_pid: int | None = None) -> set[str]:
+    """The instance tiers in /dev/shm (of the server whose main process is `main_pid`: other
+    test runs on the machine make their own)."""
+    prefix = "imgproxy-" if main_pid is None else f"imgproxy-{main_pid}-"
+    return {d for d in os.listdir("/dev/shm") if d.startswith(prefix)}
 
 
 def test_a_render_by_any_worker_is_a_hit_for_every_worker(images: Path, tmp_path: Path) -> None:
-    before = instance_dirs()
     url = "/a.jpg?size=200&format=webp"
     prom = tmp_path / "prom"
     with subprocess_server(env(images, tmp_path)) as (server, proc):
-        assert len(instance_dirs() - before) == 1  # the instance's tmpfs tier
+        assert len(instance_dirs(proc.pid)) == 1  # the instance's tmpfs tier
         first = raw_request(server.port, url)
         assert first.headers["x-cache"] == "MISS"
         # a new connection per request, 4 at a time, until both workers have answered
@@ -70,7 +72,7 @@ def test_a_render_by_any_worker_is_a_hit_for_every_worker(images: Path, tmp_path
         assert {a.headers["x-cache"] for a in answers} == {"HIT"}
         assert {a.body for a in answers} == {first.body}
         assert server.metric("image_transforms_total") == 1
-    assert instance_dirs() - before == set()  # removed at shutdown
+    assert instance_dirs(proc.pid) == set()  # removed at shutdown
 
 
 def test_concurrent_identical_misses_render_once_per_instance(images: Path, tmp_path: Path) -> None:
@@ -114,9 +116,7 @@ def test_admission_is_per_instance(images: Path, tmp_path: Path) -> None:
 
 def _leader_pid(main_pid: int) -> int | None:
     """The pid in the instance's single-flight lease, if a render holds one."""
-    for name in instance_dirs():
-        if not name.startswith(f"imgproxy-{main_pid}-"):
-            continue
+    for name in instance_dirs(main_pid):
         with diskcache.Cache(f"/dev/shm/{name}/leases") as leases:
             for key in leases.iterkeys():
                 token = leases.get(key)
