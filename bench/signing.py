@@ -16,9 +16,9 @@ requests) is reported too: it is the cost itself, less sensitive to the neighbou
 Because req/s on a shared 2-vCPU VM swings by tens of percent between windows, two in-process
 measurements follow that do not depend on the neighbours as much (CPU time, not wall time):
 the image handler itself on a memory hit, plain app vs signed app in alternating rounds
-(median of the paired differences); and, piece by piece, `signing.verify` alone (timeit on
-CPU time, best of 7): µs per call for one and two keys, as a memo hit (a URL seen before:
-the cache-hit case) and computed (a URL seen for the first time), plus the cost of parsing
+(median of the paired differences); and, piece by piece, `signing.refusal` alone (timeit on
+CPU time, best of 7): µs per call for one and two keys, computed (a URL seen for the first
+time: a URL seen before takes its verdict from `urls.Urls`' memo), plus the cost of parsing
 the longer query; each as a share of the unsigned server's CPU per request.
 """
 
@@ -70,8 +70,8 @@ def verify_cost() -> dict[str, float]:
     out = {}
     n = 20000
     for name, keys, q in (("1 key", KEYS[:1], query), ("2 keys", KEYS, second)):
-        for memo, fn in (("memo hit", signing.verify), ("computed", signing._compute)):
-            assert fn(keys, path, q, "") in (True, None)
+        for memo, fn in (("computed", signing.refusal),):
+            assert fn(keys, path, q, "") is None
             times = timeit.repeat(
                 lambda: fn(keys, path, q, ""),  # noqa: B023
                 number=n,
@@ -220,7 +220,7 @@ def main() -> int:
     )
     for name, us in cost.items():
         print(
-            f"signing.verify, {name}: {us:.2f} µs per call "
+            f"signing.refusal, {name}: {us:.2f} µs per call "
             f"= {us / cpu['plain'] * 100:.2f} % of a plain cache hit's server CPU"
         )
     for name, us in extra.items():

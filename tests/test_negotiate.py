@@ -145,7 +145,8 @@ def test_choose(
     alpha: bool,
     chosen: str | None,
 ) -> None:
-    assert negotiate.choose(accept, preferred, allowed, alpha) == chosen
+    candidates = negotiate.acceptable(accept, preferred, allowed)
+    assert negotiate.pick(candidates, alpha) == chosen
 
 
 def test_acceptable_tells_when_no_probe_is_needed() -> None:

@@ -26,6 +26,11 @@ K3 = "wrong-key-0123456789-abcdefghijklmnopq"
 KEYS = f"{K1},{K2}"
 
 
+def verify(keys: list[str], raw_path: str, raw_query: str, strip_path: str = "") -> bool:
+    """True when the request (raw path as sent, raw query string) is validly signed."""
+    return signing.refusal(keys, raw_path, raw_query, strip_path) is None
+
+
 def reference_sig(key: str, message: str) -> str:
     """The contract, written out independently of the module under test."""
     digest = hmac.new(key.encode(), message.encode(), hashlib.sha256).digest()
@@ -316,8 +321,8 @@ def test_cli_output_is_accepted_by_a_running_server(root: Path) -> None:
         assert url.startswith(target.partition("?")[0].replace("é", "%C3%A9") + "?")
         assert K1 not in run.stdout + run.stderr and K2 not in run.stdout + run.stderr
         path, _, query = url.partition("?")
-        assert signing.verify([K1], path, query, "static/image")  # the first key signs
-        assert not signing.verify([K2], path, query, "static/image")
+        assert verify([K1], path, query, "static/image")  # the first key signs
+        assert not verify([K2], path, query, "static/image")
         urls.append(url)
     server_env = {"IMAGE_PROXY_ROOT_PATH": str(root), "IMAGE_PROXY_WORKERS": "1", **env}
     with subprocess_server(server_env) as (s, _):
@@ -345,14 +350,13 @@ def test_help_mentions_sign() -> None:
     assert "imgproxy sign URL" in run.stdout
 
 
-def test_memoised_and_computed_verdicts_agree() -> None:
-    """Hot URLs are memoised (up to 1 KiB); longer ones are computed each time."""
+def test_long_urls_are_checked_like_short_ones() -> None:
     for extra in ("", "&v=" + "x" * 2000):
         url = signing.sign_url(f"/a.jpg?size=9{extra}", K2)
         path, _, query = url.partition("?")
         for _ in range(2):
-            assert signing.verify([K1, K2], path, query)
-            assert not signing.verify([K1], path, query)
+            assert verify([K1, K2], path, query)
+            assert not verify([K1], path, query)
             assert signing.refusal([K1, K2], path, query.replace("size=9", "size=8")) == (
                 "signature invalid"
             )

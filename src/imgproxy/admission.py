@@ -168,9 +168,6 @@ class Admission:
             log.warning("render admission is per worker: no shared slot for worker %s", index)
         return admission
 
-    def admitted(self) -> int:
-        return sum(self.pending)
-
     def enter(self) -> None:
         """On the event loop, before submitting a render: count it, or refuse (503). The
         count goes up first, so two workers racing for the last place both see it taken

@@ -4,7 +4,6 @@ the RFC (9110 §12.5.1) instead of a substring search.
     accepted(accept)                       formats the header names explicitly with q > 0
     acceptable(accept, preferred, allowed) preferred formats the client takes and we may send
     pick(candidates, has_alpha)            the first one that suits the source, or None
-    choose(...)                            both at once
 
 Rules (SPEC "Format negotiation"):
 
@@ -161,13 +160,3 @@ def pick(candidates: Iterable[str], has_alpha: bool) -> str | None:
         if not (has_alpha and fmt == "jpeg"):
             return fmt
     return None
-
-
-def choose(
-    accept: str | None,
-    preferred: tuple[str, ...],
-    allowed: frozenset[str],
-    has_alpha: bool,
-) -> str | None:
-    """The negotiated output format, or None for "the source's own format"."""
-    return pick(acceptable(accept, preferred, allowed), has_alpha)

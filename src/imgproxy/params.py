@@ -77,7 +77,6 @@ class TransformSpec:
     format: str | None = None  # output format; None = the source's own format
     target: int | None = None  # `size` x dpr (snapped): longest output edge before clamping
     algorithm: str = "auto"
-    dpr: Decimal = Decimal(1)
     bw: bool = False  # `bw=1`: black and white
     width: int | None = None  # `w` x dpr
     height: int | None = None  # `h` x dpr
@@ -399,7 +398,6 @@ def parse(
         format=fmt,
         target=target,
         algorithm=algorithm,
-        dpr=dpr,
         bw="bw" in args,  # repeated `bw=1` is still just on
         width=width,
         height=height,

@@ -36,12 +36,9 @@ Choices the contract leaves open, decided here:
 from __future__ import annotations
 
 import base64
-import functools
-import hashlib
-import hmac  # compare_digest
+import hmac
 import re
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 SIGNED_PARAMS = frozenset(
@@ -61,8 +58,6 @@ SIGNED_PARAMS = frozenset(
 )
 SIG_PARAM = "sig"
 SIG_LENGTH = 43  # base64 of 32 bytes, without the one "=" of padding
-_BLOCK = 64  # SHA-256 block size, for HMAC
-_MEMO_MAX_CHARS = 1024
 _SIG_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 # What a browser leaves alone in a path or query: RFC 3986 reserved + unreserved, and "%"
 # (existing escapes are kept as they are: the server signs what the client sends).
@@ -123,47 +118,14 @@ def _encode(message: str) -> bytes:
 
 
 def _sig(key: str, message: bytes) -> bytes:
-    inner, outer = _keyed(key)
-    ih = inner.copy()
-    ih.update(message)
-    oh = outer.copy()
-    oh.update(ih.digest())
-    return base64.urlsafe_b64encode(oh.digest())[:SIG_LENGTH]  # drop the one "="
-
-
-@functools.lru_cache(maxsize=16)
-def _keyed(key: str) -> tuple[Any, Any]:
-    """HMAC-SHA256 (RFC 2104) with the keyed inner and outer hash states made once per key:
-    H((K ^ opad) || H((K ^ ipad) || m)). Copying two sha256 states is twice as fast as
-    `hmac.new(...).copy()` and three times `hmac.digest(key, ...)`, which sets the key up on
-    every call; the tests check the result against `hmac` itself."""
-    raw = key.encode("utf-8")
-    if len(raw) > _BLOCK:
-        raw = hashlib.sha256(raw).digest()
-    raw = raw.ljust(_BLOCK, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
-    return inner, outer
+    digest = hmac.digest(key.encode("utf-8"), message, "sha256")
+    return base64.urlsafe_b64encode(digest)[:SIG_LENGTH]  # drop the one "="
 
 
 def refusal(keys: Iterable[str], raw_path: str, raw_query: str, strip_path: str = "") -> str | None:
     """None when the request carries a valid `sig` for one of `keys`, else the one-line
     reason for the 403. Every key is tried (key rotation); comparisons are constant-time.
-
-    Verdicts are memoised per exact (keys, path, query, prefix) text: a hot URL (the
-    cache-hit case) is re-checked with one dict lookup instead of an HMAC per key. The memo
-    is an LRU of 2048 targets of at most 1 KiB (longer ones are always computed), so it
-    holds ~2 MiB at worst. A lookup compares the full text only after its (per-process
-    randomised) hash matched, so a forged `sig` meets a stored valid one byte by byte only
-    on a hash collision; every computed check is constant-time.
-    """
-    keys = tuple(keys)
-    if len(raw_path) + len(raw_query) > _MEMO_MAX_CHARS:
-        return _compute(keys, raw_path, raw_query, strip_path)
-    return _checked(keys, raw_path, raw_query, strip_path)
-
-
-def _compute(keys: tuple[str, ...], raw_path: str, raw_query: str, strip_path: str) -> str | None:
+    (The verdict of a URL is memoised with its spec: `urls.Urls`.)"""
     signed, sigs = _scan(raw_query)
     if not sigs:
         return "signature missing"
@@ -177,14 +139,6 @@ def _compute(keys: tuple[str, ...], raw_path: str, raw_query: str, strip_path: s
     for key in keys:  # no early exit: every key costs the same
         ok |= hmac.compare_digest(_sig(key, message), given)
     return None if ok else "signature invalid"
-
-
-_checked = functools.lru_cache(maxsize=2048)(_compute)
-
-
-def verify(keys: Iterable[str], raw_path: str, raw_query: str, strip_path: str = "") -> bool:
-    """True when the request (raw path as sent, raw query string) is validly signed."""
-    return refusal(keys, raw_path, raw_query, strip_path) is None
 
 
 def sign_url(url: str, key: str, strip_path: str = "") -> str:

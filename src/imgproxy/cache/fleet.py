@@ -157,7 +157,7 @@ def _client(url: str, max_connections: int, timeout: float, read_timeout: float)
 
 
 class FleetTier:
-    name = "redis"
+    """The fleet's tier and lease: Redis behind a breaker (see the module docstring)."""
 
     def __init__(
         self,

@@ -52,7 +52,6 @@ class Store:
         # The SQLite file's inode, not the directory's: we hold the database open, so its
         # inode cannot be reused by a new file while we compare (a directory's can).
         self._db = os.path.join(self.path, diskcache.core.DBNAME)
-        self.size_limit = size_limit
         self.on_error = on_error or (lambda: None)
         self._options: dict[str, Any] = {
             "size_limit": size_limit,

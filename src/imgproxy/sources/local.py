@@ -7,7 +7,6 @@ import os
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar
 
 import aiofiles
 from cachetools import TTLCache
@@ -19,7 +18,6 @@ from ..errors import NotFound, UnprocessableImage
 class LocalFile:
     """A regular file under the root, as stat saw it."""
 
-    origin: ClassVar[str] = "local"
     path: str  # resolved real path
     size: int
     mtime: float  # seconds since the epoch, for Last-Modified

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import ClassVar
 from urllib.parse import quote
 
 import httpx
@@ -26,7 +25,6 @@ from ..httpdates import parse_date
 class Fetched:
     """A body from the fallback origin, with the validators it came with."""
 
-    origin: ClassVar[str] = "fallback"
     data: bytes
     mtime: float | None  # the origin's Last-Modified, if it is a usable date
     identity: str  # a hash of the body
