@@ -236,10 +236,23 @@ class InstanceLease:
 
     async def acquire(self, key: str) -> str | None:
         token = f"{os.getpid()}-{secrets.token_hex(8)}"
-        got = await self._run(self.leases.acquire, key, token, LEASE_TTL)
+        attempt = asyncio.get_running_loop().run_in_executor(
+            self.executor, self.leases.acquire, key, token, LEASE_TTL
+        )
+        try:
+            got = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            # a waiter cancelled while its insert runs in the thread: a lease it gets after
+            # all is given back at once, not held until it expires
+            attempt.add_done_callback(lambda f: self._abandon(f, key, token))
+            raise
         if got is None:
             return ""  # the lease store failed: produce without coordination
         return token if got else None
+
+    def _abandon(self, attempt: asyncio.Future[bool | None], key: str, token: str) -> None:
+        if not attempt.cancelled() and attempt.exception() is None and attempt.result():
+            self.executor.submit(self.leases.release, key, token)
 
     async def refresh(self, key: str, token: str) -> None:
         await self._run(self.leases.refresh, key, token, LEASE_TTL)
