@@ -151,7 +151,10 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
     elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
     renders = pool.Pool.from_shared(app.shared_ctx, s.limits, s.encode, m)
-    http = HttpSource(s.fallback, f"imgproxy/{__version__}") if s.fallback.url else None
+    http = None
+    if s.fallback.url:  # the memo's budget is the instance's: each worker keeps its share
+        memo = s.fallback.memo_size // s.server.workers
+        http = HttpSource(s.fallback, f"imgproxy/{__version__}", memo)
     app.ctx.service = ImageService(s, m, Producer(s, m, renders, chain), http)
     app.ctx.urls = urls.Urls(s)
 

@@ -475,7 +475,7 @@ class Cache:
         "IMAGE_PROXY_PASSTHROUGH_CACHE_SIZE",
         str(64 * MiB),
         _int(0, 1 << 40),
-        "per-worker memory for original files up to 1 MiB (revalidated by size+mtime per request)",
+        "memory for original files up to 1 MiB, whole instance (each worker keeps its share; revalidated by size+mtime per request)",
     )
     redis_url: str = setting(
         "IMAGE_PROXY_REDIS_URL",
@@ -529,6 +529,12 @@ class Fallback:
         "60",
         _float(0.0, 86400.0),
         "seconds a fallback answer without ETag/Last-Modified is reused before a new fetch",
+    )
+    memo_size: int = setting(
+        "IMAGE_PROXY_FALLBACK_MEMO_SIZE",
+        str(64 * MiB),
+        _int(0, 1 << 40),
+        "memory for fallback bodies kept for revalidation, whole instance (each worker keeps its share)",
     )
 
 

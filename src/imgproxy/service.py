@@ -13,6 +13,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from . import negotiate, params, sniff
 from .cache import Entry, MemoryTier
 from .config import Settings
@@ -32,6 +34,7 @@ from .sources import Fetched, HttpSource, LocalFile, LocalSource, Located, OpenF
 
 SMALL_FILE = 1024 * 1024  # read inline on the loop: a page-cached read beats a thread hop
 STREAM_FILE = 32 * 1024 * 1024  # bigger passthrough files are streamed, not held in memory
+PROBES_MAX = 10_000  # header probes remembered per worker (least recently used go first)
 _OUTCOMES = {NotFound: "not_found", UpstreamTimeout: "timeout"}  # fallback fetches, else error
 
 
@@ -63,9 +66,12 @@ class ImageService:
         self.http = http
         self.local = LocalSource(settings.images.root_path)
         self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io")
-        # passthrough bytes of small local files, validated by (size, mtime) on every request
-        self.files = MemoryTier(settings.cache.passthrough_size, SMALL_FILE)
-        self._probes: dict[str, sniff.Probe | None] = {}  # path + identity -> header facts
+        # passthrough bytes of small local files, validated by (size, mtime) on every request;
+        # the setting is the instance's: each worker keeps its share
+        share = settings.cache.passthrough_size // settings.server.workers
+        self.files = MemoryTier(share, SMALL_FILE)
+        # path + identity -> header facts
+        self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
 
     @property
     def cache(self):  # type: ignore[no-untyped-def]
@@ -124,8 +130,6 @@ class ImageService:
             return self._probes[key]
         except KeyError:
             pass
-        if len(self._probes) >= 10_000:
-            self._probes.clear()
         # the first 64 KiB of a page-cached file, inline: cheaper than a thread hop
         probe = self._probes[key] = sniff.probe(read_file(located.path, sniff.PROBE_BYTES))
         return probe

@@ -27,6 +27,9 @@ from .store import Leases, Store
 
 STORE_WAIT = 0.1  # seconds a render waits for its write into the instance's shared tier
 MAX_DISK_READS = 16  # disk lookups waiting for a thread; beyond, the disk tier is skipped
+WRITES_WAITING = 64  # write-behind per store and worker: writes waiting; beyond, dropped
+SHARED_WRITE_BYTES = 16 << 20  # ... and their bytes, for the instance's shared tier
+DISK_WRITE_BYTES = 32 << 20  # ... and for the disk tier
 
 
 @dataclass(slots=True)
@@ -110,12 +113,20 @@ class CacheChain:
         self._reads = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-read")
         self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-write")
         self.shared_writes = (
-            WriteBehind(shared.put, self._fast, 64, 16 << 20, lambda: on_drop("memory"))
+            WriteBehind(
+                shared.put,
+                self._fast,
+                WRITES_WAITING,
+                SHARED_WRITE_BYTES,
+                lambda: on_drop("memory"),
+            )
             if shared is not None
             else None
         )
         self.disk_writes = (
-            WriteBehind(disk.put, self._slow, 64, 32 << 20, lambda: on_drop("disk"))
+            WriteBehind(
+                disk.put, self._slow, WRITES_WAITING, DISK_WRITE_BYTES, lambda: on_drop("disk")
+            )
             if disk is not None
             else None
         )

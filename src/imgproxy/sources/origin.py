@@ -48,7 +48,7 @@ class HttpSource:
     conditional GET (304: no body); one sent without either is reused for
     `revalidate_after` seconds. Remembered bodies are bounded by `memo_bytes` (LRU)."""
 
-    def __init__(self, settings: Fallback, user_agent: str, memo_bytes: int = 32 << 20) -> None:
+    def __init__(self, settings: Fallback, user_agent: str, memo_bytes: int) -> None:
         self.base = httpx.URL(settings.url if settings.url.endswith("/") else settings.url + "/")
         self.max_size = settings.max_size
         self.timeout = settings.timeout
