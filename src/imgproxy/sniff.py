@@ -9,6 +9,7 @@ TIFF, text and everything else are `None`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import FORMAT_ALIASES
@@ -145,26 +146,32 @@ def _png(data: bytes) -> tuple[int, int] | None:
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def _jpeg(data: bytes) -> tuple[int, int] | None:
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(offset, marker, length) of each JPEG marker segment after SOI, in order; ends at the
+    end of `data` or at a byte that is no marker (both: the head does not say more)."""
     i = 2
-    n = len(data)
-    while i + 4 <= n:
+    while i + 4 <= len(data):
         if data[i] != 0xFF:
-            return None
+            return
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
             continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
             i += 2
             continue
         length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        yield i, marker, length
+        i += 2 + length
+
+
+def _jpeg(data: bytes) -> tuple[int, int] | None:
+    for i, marker, _ in _jpeg_segments(data):
         if marker in _SOF:
             h, w = struct.unpack(">HH", data[i + 5 : i + 9])
             return w, h
         if marker in (0xD9, 0xDA):  # end of image / start of scan before any SOF
             return None
-        i += 2 + length
     return None
 
 
@@ -326,18 +333,7 @@ def _exif_orientation(tiff: bytes) -> int:
 
 def _jpeg_orientation(data: bytes) -> int | None:
     """The first APP1 `Exif` segment's orientation, walking the markers up to SOF."""
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+    for i, marker, length in _jpeg_segments(data):
         if marker in _SOF or marker in (0xD9, 0xDA):
             return 1  # no EXIF before the frame: libvips reads none either
         if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
@@ -348,7 +344,6 @@ def _jpeg_orientation(data: bytes) -> int | None:
                 return _exif_orientation(data[i + 10 : end])
             except KeyError:
                 return 1
-        i += 2 + length
     return None
 
 
