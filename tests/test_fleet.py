@@ -5,8 +5,10 @@ back is used again."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import os
 import re
 import threading
 import time
@@ -17,7 +19,8 @@ import pytest
 import pyvips
 
 from conftest import Server, photo, raw_request, subprocess_server
-from realredis import RedisServer, redis_server
+from imgproxy.cache import Entry, FleetTier
+from realredis import RedisServer, SlowLink, need_redis, redis_server
 
 pytestmark = pytest.mark.slow
 __all__ = ["redis_server"]  # the fixture
@@ -162,3 +165,54 @@ def test_redis_outage_costs_no_request(
     assert warnings(output) == 1, output
     serving = output.split("Received signal SIGTERM")[0]  # Sanic's own shutdown races aside
     assert "Traceback" not in serving and "ERROR" not in serving
+
+
+def fleet_tier(url: str, timeout: float = 0.1) -> FleetTier:
+    return FleetTier(url, ttl=60, prefix="slow:", timeout=timeout)
+
+
+def test_a_big_entry_is_read_over_a_slow_link(redis_server: RedisServer) -> None:
+    """A 6 MB entry over a 30 MB/s link takes ~0.2 s to move: `get` (like `put`) has a budget
+    for its size instead of the 0.1 s of a small call, so it is read, not a failure."""
+    body = os.urandom(6_000_000)
+    redis_server.client().set("slow:{big}", b"image/png\n" + body)
+    link = SlowLink(redis_server.port, rate=30e6)
+
+    async def run() -> tuple[Entry | None, bool, float]:
+        tier = fleet_tier(f"redis://127.0.0.1:{link.port}/0")
+        try:
+            got = await tier.get("big")
+            stored = await tier.put("big2", (body, "image/png"))
+            return got, stored, tier.breaker.state[1]
+        finally:
+            await tier.close()
+
+    try:
+        got, stored, failures = asyncio.run(run())
+    finally:
+        link.close()
+    assert got == (body, "image/png")
+    assert stored and redis_server.client().strlen("slow:{big2}") == len(body) + 10
+    assert failures == 0  # nothing counted against the breaker
+
+
+def test_a_tls_handshake_is_not_bounded_by_the_call_timeout(tmp_path: Path) -> None:
+    """rediss:// to a server whose handshake takes 0.3 s (a distant TLS Redis): the 0.1 s
+    call timeout does not apply to setting up the connection."""
+    need_redis()
+    server = RedisServer(tmp_path / "redis-tls", tls=True)
+    link = SlowLink(server.port, first_delay=0.3)
+    try:
+        server.client().set("slow:{k}", b"image/webp\nbytes")
+
+        async def run() -> Entry | None:
+            tier = fleet_tier(f"rediss://127.0.0.1:{link.port}/0?ssl_cert_reqs=none")
+            try:
+                return await tier.get("k")  # no warm-up: the first call connects
+            finally:
+                await tier.close()
+
+        assert asyncio.run(run()) == (b"bytes", "image/webp")
+    finally:
+        link.close()
+        server.stop()

@@ -8,6 +8,7 @@ Responses are built in `responses`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -133,10 +134,19 @@ async def stop_instance(app: Sanic[Any, Any]) -> None:
     metrics_mod.remove_directory(getattr(app.ctx, "metrics_dir", None))
 
 
+# With asyncio's debug mode on (PYTHONASYNCIODEBUG=1), every event-loop callback slower than
+# this is logged ("Executing <Task ...> took 0.031 seconds"): nothing on the loop may block
+# on a disk, a database file or a lock (SPEC "Render queue"); the fault tests check it.
+SLOW_CALLBACK = 0.02
+
+
 async def start_worker(app: Sanic[Any, Any]) -> None:
     """Every per-worker resource, in one place: metrics, cache chain, render pool, the
     fallback origin's client, and the service over them."""
     s: Settings = app.ctx.settings
+    loop = asyncio.get_running_loop()
+    if loop.get_debug():
+        loop.slow_callback_duration = SLOW_CALLBACK
     transform.configure(s.limits.vips_concurrency)
     m = Metrics()
     chain = None

@@ -1,7 +1,8 @@
 """CacheChain: the tiers in lookup order, promotion, bounded write-behind.
 
-    lookup:  hot (this worker's LRU) -> shared (the instance's tmpfs tier, read inline:
-             ~20 us) -> disk (a thread) -> redis (async, bounded) -> miss
+    lookup:  hot (this worker's LRU) -> shared (the instance's tmpfs tier, a thread: a
+             SQLite read never runs on the event loop) -> disk (a thread) -> redis (async,
+             bounded) -> miss
     a hit is copied into every tier above the one that answered (promotion)
     store:   after a render: hot now; shared awaited (it is what the other workers read);
              disk write-behind; the caller puts it into Redis while it holds the fleet lock
@@ -110,6 +111,7 @@ class CacheChain:
         # tmpfs writes and leases; disk reads; disk writes: a disk that is slow to write
         # (busy, or its SQLite write lock held) never delays a lookup
         self._fast = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-cache")
+        self._shared_reads = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-shared-read")
         self._reads = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-read")
         self._slow = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-disk-write")
         self.shared_writes = (
@@ -138,10 +140,13 @@ class CacheChain:
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def _memory_get(self, key: str) -> Entry | None:
+    async def _memory_get(self, key: str) -> Entry | None:
         entry = self.hot.get(key)
         if entry is None and self.shared is not None and self.shared.available:
-            entry = self.shared.get(key) or self._pending(self.shared_writes, key)
+            entry = self._pending(self.shared_writes, key)
+            if entry is None:
+                loop = asyncio.get_running_loop()
+                entry = await loop.run_in_executor(self._shared_reads, self.shared.get, key)
             if entry is not None:
                 self.hot.put(key, entry)
         return entry
@@ -169,7 +174,7 @@ class CacheChain:
 
     async def lookup(self, key: str) -> Lookup:
         consulted: list[tuple[str, bool]] = []
-        entry = self._memory_get(key)
+        entry = await self._memory_get(key)
         if self.has_memory:
             consulted.append(("memory", entry is not None))
         if entry is not None:
@@ -194,7 +199,7 @@ class CacheChain:
 
     async def instance_check(self, key: str) -> Entry | None:
         """What another worker of this instance may have stored meanwhile (for waiters)."""
-        entry = self._memory_get(key)
+        entry = await self._memory_get(key)
         if entry is None and self.disk is not None and self.disk.available:
             entry = await self._disk_get(key)
             if entry is not None:
@@ -252,7 +257,7 @@ class CacheChain:
         await self.drain()
         if self.fleet is not None:
             await self.fleet.close()
-        for pool in (self._fast, self._reads, self._slow):
+        for pool in (self._fast, self._shared_reads, self._reads, self._slow):
             pool.shutdown(wait=True)
         for store in (self.shared, self.disk, self._leases):
             if store is not None:

@@ -11,7 +11,11 @@
     failure         GET `fail`
 
 Redis is never needed to answer. Every call is bounded by `asyncio.timeout` and socket
-timeouts, with retries off; two failures in a row open a circuit breaker (no Redis I/O
+timeouts, with retries off. A value moves in time proportional to its size: `get` reads the
+length and the first FIRST_BYTES in one round trip (most entries end there) and the rest, if
+any, with a budget for its size, like `put`; big transfers use their own connections,
+whose socket timeout is not the small-call one. A `rediss://` connection gets
+TLS_CONNECT seconds for its handshake, not the 0.1 s of a call; two failures in a row open a circuit breaker (no Redis I/O
 while open, 0.5 s doubling to 4 s, then one probe per worker), so a Redis that comes back
 is used again within ~4 s. The breaker's state can live in shared memory (a `multiprocessing.RawArray`
 made by the main process): one worker's failure then spares the others the timeout, and
@@ -47,6 +51,10 @@ DONE_TTL_MS = 60_000  # the `done` stream outlives the lock a little, for late w
 WAIT_SLICE = 1.0  # one XREAD BLOCK; waiters re-check the lock and the value between
 MAX_WAITERS = 16  # blocking XREADs per worker; more waiters poll instead
 OPEN_FIRST, OPEN_MAX = 0.5, 4.0  # breaker open time: doubles per failed probe
+RATE = 20e6  # bytes per second a slow link still moves: a big value's extra time budget
+FIRST_BYTES = 256 << 10  # read with the length in the first round trip of a `get`
+MAX_BIG = 4  # connections per worker for big transfers
+TLS_CONNECT = 1.0  # seconds for a TLS connection's set-up (TCP + handshake)
 
 _ACQUIRE = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -143,17 +151,30 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _client(url: str, max_connections: int, timeout: float, read_timeout: float) -> Any:
+def connect_timeout(url: str, timeout: float) -> float:
+    """A TLS handshake takes round trips and crypto on top of TCP's: not bounded by the
+    small-call timeout (that would fail every connection to a distant `rediss://`)."""
+    return max(timeout, TLS_CONNECT) if url.lower().startswith("rediss://") else timeout
+
+
+def _client(url: str, max_connections: int, timeout: float, read_timeout: float | None) -> Any:
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout,  # wait for a free connection at most this long
         socket_timeout=read_timeout,
-        socket_connect_timeout=timeout,
+        socket_connect_timeout=connect_timeout(url, timeout),
         retry=Retry(NoBackoff(), 0),  # the breaker retries, later
         health_check_interval=0,
     )
     return redis.asyncio.Redis(connection_pool=pool)
+
+
+def _has_idle_connection(client: Any) -> bool:
+    """Will the next command reuse a connected connection (no set-up to pay)? Reads
+    redis-py's pool (private: an unknown pool counts as "must connect")."""
+    idle: Any = getattr(client.connection_pool, "_available_connections", None) or ()
+    return any(getattr(c, "is_connected", False) for c in idle)
 
 
 class FleetTier:
@@ -176,8 +197,12 @@ class FleetTier:
         self.breaker = Breaker(breaker_state, self.on_error)
         self.refresh_every = LOCK_TTL / 3
         self.wait_max = 30.0  # a live, slow lock holder elsewhere: then render here anyway
+        tls = url.lower().startswith("rediss://")
+        self._connect = connect_timeout(url, timeout) if tls else 0.0  # added to a call's budget
         self._r = _client(url, 64, timeout, timeout)
         self._w = _client(url, MAX_WAITERS, timeout, WAIT_SLICE + timeout)
+        # big values: no socket timeout of their own, each call's budget is sized for it
+        self._big = _client(url, MAX_BIG, timeout, None)
         self._acquire = self._r.register_script(_ACQUIRE)
         self._refresh = self._r.register_script(_REFRESH)
         self._release = self._r.register_script(_RELEASE)
@@ -199,8 +224,14 @@ class FleetTier:
         """`fn(*args)` within the timeout, or None (counted, breaker opened) if Redis fails."""
         if not self.breaker.allow():
             return None
+        budget = timeout or self.timeout
+        client = getattr(fn, "__self__", None)  # a client's method, or a script (on _r)
+        if not hasattr(client, "connection_pool"):
+            client = self._r
+        if self._connect and not _has_idle_connection(client):
+            budget += self._connect  # this call pays a TLS connection's set-up
         try:
-            async with asyncio.timeout(timeout or self.timeout):
+            async with asyncio.timeout(budget):
                 result = await fn(*args, **kw)
         except ResponseError as exc:  # the server answered: full (noeviction OOM), ...
             self.breaker.success()
@@ -219,17 +250,37 @@ class FleetTier:
     async def _drop_idle_connections(self) -> None:
         """After a failure every pooled connection is suspect (a restarted server closed
         them): reconnect fresh on the next probe instead of failing once per connection."""
-        for client in (self._r, self._w):
+        for client in (self._r, self._w, self._big):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.timeout):
                     await client.connection_pool.disconnect(inuse_connections=False)
 
     # -- values ---------------------------------------------------------------------------
 
+    def _budget(self, nbytes: int) -> float:
+        return self.timeout + nbytes / RATE  # a big value takes longer to move
+
+    async def _head(self, name: str) -> tuple[int, bytes]:
+        """The value's length and its first FIRST_BYTES, in one round trip."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.strlen(name)
+            pipe.getrange(name, 0, FIRST_BYTES - 1)
+            size, head = await pipe.execute()
+        return int(size), bytes(head)
+
     async def get(self, key: str) -> Entry | None:
-        raw = await self._call(self._r.get, self._keys(key)[0])
-        if not isinstance(raw, bytes):
+        name = self._keys(key)[0]
+        got = await self._call(self._head, name, timeout=self._budget(FIRST_BYTES))
+        if got is None or not got[0]:
             return None
+        size, raw = got
+        if size > len(raw):  # a big value: the rest, with a budget for its size
+            rest = await self._call(
+                self._big.getrange, name, len(raw), size - 1, timeout=self._budget(size)
+            )
+            if not isinstance(rest, bytes) or len(raw) + len(rest) != size:
+                return None  # replaced or expired between the two reads
+            raw += rest
         ctype, sep, body = raw.partition(b"\n")
         if not sep or not body or not ctype.startswith(b"image/"):
             return None
@@ -238,9 +289,9 @@ class FleetTier:
     async def put(self, key: str, entry: Entry) -> bool:
         body, ctype = entry
         value = ctype.encode("ascii") + b"\n" + body
-        timeout = self.timeout + len(value) / 50e6  # a big value takes longer to send
+        client = self._big if len(value) > FIRST_BYTES else self._r
         done = await self._call(
-            self._r.set, self._keys(key)[0], value, ex=self.ttl, timeout=timeout
+            client.set, self._keys(key)[0], value, ex=self.ttl, timeout=self._budget(len(value))
         )
         return bool(done)
 
@@ -299,14 +350,14 @@ class FleetTier:
         """At worker start: connect and load the scripts, so the first burst of requests
         does not pay connection set-up and NOSCRIPT round trips inside its timeouts."""
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(max(1.0, self.timeout)):
+            async with asyncio.timeout(max(1.0, self.timeout) + self._connect):
                 await self._r.ping()
                 await self._w.ping()
                 for script in (self._acquire, self._refresh, self._release):
                     await self._r.script_load(script.script)
 
     async def close(self) -> None:
-        for client in (self._r, self._w):
+        for client in (self._r, self._w, self._big):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await client.aclose(close_connection_pool=True)  # ours: from_url
