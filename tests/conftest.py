@@ -407,8 +407,10 @@ def server_workers(main_pid: int) -> dict[str, int]:
     """Sanic's server workers by name. Sanic sets SANIC_WORKER_NAME while it spawns each one,
     so it is in the worker's start environment (the SyncManager child has none)."""
     found = {}
-    for pid in process_tree(main_pid)[1:]:
+    for pid in process_tree(main_pid)[1:]:  # children, then their children
         try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) != main_pid:
+                continue  # a worker's own child (it inherited the variable)
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         except OSError:

@@ -159,22 +159,24 @@ class Watchdog:
             if self._stopping():
                 return False
             name, pid = process.name, process.pid
+            waiting = self._waiting.get(name)
+            if waiting is not None:
+                if pid is not None and pid != waiting[0] and process.is_alive():
+                    if self._acked(name):  # the replacement serves: the restart succeeded
+                        del self._waiting[name]
+                        self.metrics.worker_restarts.inc()
+                        log.info("worker %s replaced: pid %d serves", name, pid)
+                    continue
+                if pid is None or pid in self._handled:  # no replacement running yet
+                    if time.monotonic() - waiting[1] > RETRY:
+                        log.warning("worker %s: no replacement yet; asking again", name)
+                        self._restart(name, waiting[0], acked)
+                    continue
+                # else: the replacement died too (a new pid): one more death, below
             if pid is None or process.state in NOT_A_DEATH:
                 continue  # not started yet, or Sanic itself is stopping or replacing it
-            waiting = self._waiting.get(name)
-            if waiting is not None and pid != waiting[0] and process.is_alive():
-                if self._acked(name):  # the replacement serves: the restart succeeded
-                    del self._waiting[name]
-                    self.metrics.worker_restarts.inc()
-                    log.info("worker %s replaced: pid %d serves", name, pid)
-                continue
-            if pid in self._handled:
-                if waiting is not None and time.monotonic() - waiting[1] > RETRY:
-                    log.warning("worker %s: no replacement yet; asking again", name)
-                    self._restart(name, pid, acked)
-                continue
-            if process.exitcode is None:
-                continue  # alive
+            if pid in self._handled or process.exitcode is None:
+                continue  # handled, or alive
             self._handled.add(pid)
             if not self._on_death(name, pid, process.exitcode, acked):
                 return False
@@ -216,16 +218,19 @@ class Watchdog:
         return True
 
     def _restart(self, name: str, pid: int, acked: bool) -> None:
-        self._waiting[name] = (pid, time.monotonic())
-        if acked:
-            # The message a worker's `app.m.restart()` sends: restart() runs on the monitor
-            # thread, serialised with its state syncing.
-            self.manager.monitor_publisher.send(f"{name}:")
-        else:
-            # Sanic's start-up loop only re-queues messages, and would wait for this worker's
-            # ack until it gives up (30 s) and stops the server: restart it from here (its
-            # state syncing does not run yet, so nothing races with us).
-            self.manager.restart(process_names=[name])
+        self._waiting[name] = (pid, time.monotonic())  # asked again after RETRY if need be
+        try:
+            if acked:
+                # The message a worker's `app.m.restart()` sends: restart() runs on the
+                # monitor thread, serialised with its state syncing.
+                self.manager.monitor_publisher.send(f"{name}:")
+            else:
+                # Sanic's start-up loop only re-queues messages, and would wait for this
+                # worker's ack until it gives up (30 s) and stops the server: restart it
+                # from here (its state syncing does not run yet).
+                self.manager.restart(process_names=[name])
+        except Exception as exc:  # e.g. Sanic's monitor loop began meanwhile and raced us
+            log.warning("worker %s: restart failed (%s); trying again in %.0f s", name, exc, RETRY)
 
     def _end_startup_wait(self) -> None:
         """A crash loop before every worker ever acknowledged its start: Sanic's start-up loop
