@@ -8,6 +8,7 @@ Each test prints its figures (requests, non-2xx, p99 of the fault window): `pyte
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import random
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 __all__ = ["redis_server"]  # the fixture
 
 FAULTINJECT = str(Path(__file__).with_name("faultinject"))
+PASSTHROUGH_FILES = 150
 
 
 @pytest.fixture
@@ -39,7 +41,18 @@ def images(tmp_path: Path) -> Path:
     photo(2400, 1800).jpegsave(str(root / "big.jpg"), Q=85)
     photo(60, 40).pngsave(str(root / "small.png"))
     photo(300, 250).pngsave(str(root / "pass.png"))  # a passthrough over a few KiB
+    for n in range(PASSTHROUGH_FILES):  # files not yet read: each worker memoises them
+        (root / f"pass-{n}.png").write_bytes((root / "pass.png").read_bytes())
+    poisoned(root / "poison.jpg")
     return root
+
+
+def poisoned(path: Path) -> None:
+    """A JPEG with a valid header (type and size pass every check before decoding) and a
+    body cut short: libvips fails on it, a 422, every time it is rendered."""
+    photo(2400, 1800).jpegsave(str(path), Q=85)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
 
 
 def base_env(images: Path, tmp_path: Path, workers: int = 2, **extra: str) -> dict[str, str]:
@@ -50,6 +63,13 @@ def base_env(images: Path, tmp_path: Path, workers: int = 2, **extra: str) -> di
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
         **extra,
     }
+
+
+Target = str | tuple[str, dict[str, str]]  # a path, or a path and request headers
+
+
+def target(t: Target) -> tuple[str, dict[str, str]]:
+    return (t, {}) if isinstance(t, str) else t
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,7 @@ def mixed(i: int) -> str:
 class Load:
     """`threads` clients sending `paths(i)` one after another, a new connection each."""
 
-    def __init__(self, server: Server, paths: Callable[[int], str], threads: int = 4) -> None:
+    def __init__(self, server: Server, paths: Callable[[int], Target], threads: int = 4) -> None:
         self.server = server
         self.paths = paths
         self.shots: list[Shot] = []
@@ -84,10 +104,10 @@ class Load:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            path = self.paths(next(self._n))
+            path, headers = target(self.paths(next(self._n)))
             started = time.monotonic()
             try:
-                status = str(raw_request(self.server.port, path).status)
+                status = str(raw_request(self.server.port, path, headers=headers).status)
             except Exception as exc:  # reset, refused, or no answer at all
                 status = repr(exc)
             self.shots.append(Shot(started, time.monotonic() - started, status))
@@ -269,3 +289,63 @@ def test_worker_killed_mid_render_with_one_render_thread(images: Path, tmp_path:
             f"[faults] killed mid-render: 6 renders after the kill in {time.monotonic() - started:.2f} s"
         )
         assert statuses == [200] * 6
+
+
+def waiters(i: int) -> Target:
+    """Hits, misses, passthrough of files not read yet, conditional renders, and every fifth
+    request one of a burst of identical new misses (waiters of one key)."""
+    if i % 5 == 0:
+        return f"/a.jpg?size={300 + i // 40}&format=png"
+    if i % 5 == 1:
+        return f"/pass-{i // 5 % PASSTHROUGH_FILES}.png"
+    if i % 5 == 2:
+        return f"/a.jpg?size={60 + i % 90}&format=webp", {"If-None-Match": '"other"'}
+    return mixed(i)
+
+
+def test_no_slow_callback_under_mixed_load(images: Path, tmp_path: Path) -> None:
+    """asyncio debug mode, slow_callback_duration 20 ms, and a slow disk (every cache-store
+    read and every file read over 4 KiB takes 30 ms): under hits, misses, passthrough,
+    conditional renders and waiters of one key, no event-loop callback is slow: no read of a
+    cache tier or of a file over a few KiB, and no wait, runs on the loop."""
+    env = base_env(
+        images,
+        tmp_path,
+        IMAGE_PROXY_TRANSFORM_THREADS="2",
+        PYTHONASYNCIODEBUG="1",
+        PYTHONPATH=FAULTINJECT,
+        IMGPROXY_TEST_SLOW_READS="0.03",
+    )
+    with subprocess_server(env) as (server, _):
+        with Load(server, mixed, threads=2) as warm:
+            warm.wait(40)  # every code path once per worker: imports and first calls done
+        mark = len(server.output)
+        with Load(server, waiters, threads=6) as load:
+            load.wait(300)
+        figures("asyncio debug, slow disk", load.shots)
+        slow = [line for line in server.output[mark:] if "Executing" in line and " took " in line]
+    assert [s for s in load.shots if s.status != "200"] == []
+    assert slow == [], "".join(slow)
+
+
+def test_a_poisoned_source_is_rendered_once_per_window(
+    images: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """50 requests at once for a poisoned source, over two replicas of 2 workers sharing one
+    Redis: one render attempt in all, and every client gets the same 422."""
+    envs = [
+        base_env(images, tmp_path / name, IMAGE_PROXY_REDIS_URL=redis_server.url)
+        for name in ("a", "b")
+    ]
+    with subprocess_server(envs[0]) as (a, _), subprocess_server(envs[1]) as (b, _):
+        url = "/poison.jpg?size=300&format=webp"
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda i: raw_request((a, b)[i % 2].port, url), range(50)))
+        attempts = sum(
+            s.metric(name)
+            for s in (a, b)
+            for name in ("image_transforms_total", "image_render_failures_total")
+        )
+    print(f"[faults] poisoned source: 50 requests, {attempts:.0f} render attempt(s)")
+    assert {(r.status, r.body) for r in answers} == {(422, answers[0].body)}
+    assert attempts == 1

@@ -10,8 +10,10 @@ in each tier before it lets its lease go, so a waiter that sees the lease gone f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from . import flight, params, sniff, transform
@@ -59,13 +61,16 @@ class Producer:
         """The key of a resolved output (params.resolve, after the header probe)."""
         return output.cache_key(located.identity, self.output_salt)
 
-    def check(self, located: Located) -> str:
+    async def check(self, located: Located, io: Executor | None = None) -> str:
         """The checks a render would run first, from the source's head (type, file size,
-        pixel limit): for a conditional request, so a 304 is only given where a 200 would be."""
+        pixel limit): for a conditional request, so a 304 is only given where a 200 would be.
+        The head (64 KiB) is read in `io`, never on the event loop."""
         if isinstance(located, Fetched):
             head, fetched = located.data, True
         else:
-            head, fetched = read_file(located.path, HEAD_BYTES), False
+            loop = asyncio.get_running_loop()
+            head = await loop.run_in_executor(io, read_file, located.path, HEAD_BYTES)
+            fetched = False
         try:
             return check_source(located.size, head, self.settings.limits, fetched)
         except UpstreamError:
