@@ -172,13 +172,16 @@ def test_redis_fault_mid_load(
         assert p99(window) < 1.0  # a bound on stalling, not a benchmark
 
 
-def kill_workers(proc_pid: int, kills: int, rng: random.Random) -> list[int]:
+def kill_workers(server: Server, proc_pid: int, kills: int, rng: random.Random) -> list[int]:
     """`kills` SIGKILLs of a random live worker (one just started included), 0.8-1.1 s
     apart: within the crash-loop rate of 4 workers over a 5 s window (9 deaths, with room
     for a watchdog that sees two deaths in one look on a busy machine)."""
-    killed = []
+    killed: list[int] = []
+    last = time.monotonic()
     while len(killed) < kills:
         time.sleep(rng.uniform(0.8, 1.1))
+        output = "".join(server.output)
+        assert "crash loop" not in output and time.monotonic() - last < 60, output
         # a killed process can take a while to exit on a busy machine: never kill it twice
         alive = set(server_workers(proc_pid).values()) - set(killed)
         if not alive:
@@ -189,6 +192,7 @@ def kill_workers(proc_pid: int, kills: int, rng: random.Random) -> list[int]:
         except ProcessLookupError:
             continue
         killed.append(pid)
+        last = time.monotonic()
     return killed
 
 
@@ -230,7 +234,7 @@ def test_thirty_random_worker_kills(images: Path, tmp_path: Path) -> None:
     with subprocess_server(env) as (server, proc):
         with Load(server, mixed, threads=3) as load:
             start = time.monotonic()
-            killed = kill_workers(proc.pid, 30, rng)
+            killed = kill_workers(server, proc.pid, 30, rng)
             end = time.monotonic()
 
             def all_up() -> bool:

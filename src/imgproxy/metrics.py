@@ -188,6 +188,18 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+def started_metrics(pid: int) -> bool:
+    """Has process `pid` created its metrics (a worker does in `before_server_start`)?
+    Without a multiprocess directory: assume so."""
+    path = multiprocess_dir()
+    if path is None:
+        return True
+    try:
+        return any(name.endswith(f"_{pid}.db") for name in os.listdir(path))
+    except OSError:
+        return True
+
+
 def reset_directory(path: str) -> None:
     """Create or wipe the multiprocess directory (main process, before any worker starts)."""
     os.makedirs(path, exist_ok=True)

@@ -39,7 +39,7 @@ from typing import Any
 from sanic import Sanic
 from sanic.worker.constants import ProcessState
 
-from .metrics import MainMetrics, mark_process_dead
+from .metrics import MainMetrics, mark_process_dead, started_metrics
 
 log = logging.getLogger("imgproxy")
 
@@ -112,6 +112,7 @@ class Watchdog:
         self._handled: set[int] = set()  # pids whose death was handled
         self._waiting: dict[str, tuple[int, float]] = {}  # name -> (dead pid, asked at)
         self._deaths: list[float] = []  # monotonic times of the deaths within the window
+        self._acked_for: set[str] = set()  # replacements acknowledged to Sanic by us
         self._thread = threading.Thread(target=self._run, name="imgproxy-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -143,6 +144,16 @@ class Watchdog:
         except Exception:  # gone, or the SyncManager is stopping
             return False
 
+    def _started(self, name: str, pid: int) -> bool:
+        """Did the replacement `pid` get through its start? Its ack, or (when the watchdog
+        acknowledged it for Sanic, see _restart) its own metrics files."""
+        if name in self._acked_for:
+            if not started_metrics(pid):
+                return False
+            self._acked_for.discard(name)
+            return True
+        return self._acked(name)
+
     def _run(self) -> None:
         acked = False
         while not self._stopping():
@@ -162,7 +173,7 @@ class Watchdog:
             waiting = self._waiting.get(name)
             if waiting is not None:
                 if pid is not None and pid != waiting[0] and process.is_alive():
-                    if self._acked(name):  # the replacement serves: the restart succeeded
+                    if self._started(name, pid):  # the replacement is up: the restart succeeded
                         del self._waiting[name]
                         self.metrics.worker_restarts.inc()
                         log.info("worker %s replaced: pid %d serves", name, pid)
@@ -225,25 +236,26 @@ class Watchdog:
                 # monitor thread, serialised with its state syncing.
                 self.manager.monitor_publisher.send(f"{name}:")
             else:
-                # Sanic's start-up loop only re-queues messages, and would wait for this
-                # worker's ack until it gives up (30 s) and stops the server: restart it
-                # from here (its state syncing does not run yet).
+                # Sanic's start-up loop only re-queues messages, and waits for every worker's
+                # ack for 30 s in all before it stops the server (kills during start-up can
+                # outlast that): restart it from here (its state syncing does not run yet)
+                # and acknowledge it for Sanic; the watchdog supervises the replacement.
                 self.manager.restart(process_names=[name])
+                state = self.manager.worker_state[name]
+                self.manager.worker_state[name] = {**state, "state": ProcessState.ACKED.name}
+                self._acked_for.add(name)
         except Exception as exc:  # e.g. Sanic's monitor loop began meanwhile and raced us
             log.warning("worker %s: restart failed (%s); trying again in %.0f s", name, exc, RETRY)
 
     def _end_startup_wait(self) -> None:
         """A crash loop before every worker ever acknowledged its start: Sanic's start-up loop
-        would re-queue our __TERMINATE__ forever (and its own way out SIGKILLs the whole
-        process group, this process included). Mark the dead workers acknowledged, so that
-        the loop ends and the monitor loop takes the message: an orderly stop, exit 1."""
+        would re-queue our __TERMINATE__ until every worker acks (forever, if they keep
+        dying), and its own way out SIGKILLs the whole process group, this process included.
+        Mark every worker acknowledged, so that the loop ends and the monitor loop takes the
+        message: an orderly stop (the workers are stopped), exit status 1."""
         for process in self._servers():
-            with_state = {"state": ProcessState.ACKED.name}
             try:
-                if not process.is_alive():
-                    self.manager.worker_state[process.name] = {
-                        **self.manager.worker_state[process.name],
-                        **with_state,
-                    }
-            except Exception:
+                state = self.manager.worker_state[process.name]
+                self.manager.worker_state[process.name] = {**state, "state": "ACKED"}
+            except Exception:  # the state dict is gone: Sanic is stopping anyway
                 continue
