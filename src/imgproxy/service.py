@@ -115,7 +115,7 @@ class ImageService:
         if not candidates:  # `*/*`, no Accept...: nothing to learn from the source
             return spec, None, None
         located = await self.locate(spec.path)
-        probe = self._probe(located)
+        probe = await self._probe(located)
         if probe is None:  # not an image: passthrough/transform give the usual 415/502
             return spec, located, None
         chosen = negotiate.pick(candidates, probe.has_alpha)
@@ -123,7 +123,7 @@ class ImageService:
             return spec, located, chosen
         return params.as_format(spec, chosen), located, chosen
 
-    def _probe(self, located: Located) -> sniff.Probe | None:
+    async def _probe(self, located: Located) -> sniff.Probe | None:
         if isinstance(located, Fetched):  # a fallback body, already in memory
             return sniff.probe(located.data[: sniff.PROBE_BYTES])
         key = f"{located.path}\x00{located.identity}"  # a changed file has a new identity
@@ -131,8 +131,13 @@ class ImageService:
             return self._probes[key]
         except KeyError:
             pass
-        # the first 64 KiB of a page-cached file, inline: cheaper than a thread hop
-        probe = self._probes[key] = sniff.probe(read_file(located.path, sniff.PROBE_BYTES))
+        # the first 64 KiB, once per file identity: in a thread (SPEC: a file read over a
+        # few KiB never runs on the event loop; a slow disk would stall every request)
+        loop = asyncio.get_running_loop()
+        head = await loop.run_in_executor(
+            self.io_executor, read_file, located.path, sniff.PROBE_BYTES
+        )
+        probe = self._probes[key] = sniff.probe(head)
         return probe
 
     # -- passthrough ---------------------------------------------------------------------
@@ -206,7 +211,7 @@ class ImageService:
     ) -> Reply:
         if located is None:  # else negotiation already looked it up
             located = await self.locate(spec.path)
-        output = self.resolve(spec, located)
+        output = await self.resolve(spec, located)
         key = self.producer.key(output, located)
         etag = f'"{key[:40]}"'
         if cond:
@@ -223,10 +228,10 @@ class ImageService:
             reply.cache_tier = made.tier
         return reply
 
-    def resolve(self, spec: TransformSpec, located: Located) -> params.Output:
+    async def resolve(self, spec: TransformSpec, located: Located) -> params.Output:
         """The output `spec` makes of this source, from its header probe (memoised per
         identity): what the cache key is built from. Not an image: 415 (502 from the origin)."""
-        probe = self._probe(located)
+        probe = await self._probe(located)
         if probe is None:
             raise self._not_an_image(located)
         source_format = sniff.source_format(probe.kind, spec.path)
