@@ -324,6 +324,7 @@ def build_steps(corpus: str, only: set[str] | None) -> list[Step]:
             c.fn()
         steps.append(Step("fixed", "per-call fixed cost (16x16 JPEG encode)", cs))
     steps += render_steps(src1200, src12mp, only)
+    steps += box_and_format_steps(src12mp, only)
     return steps
 
 
@@ -384,6 +385,82 @@ def render_steps(src1200: bytes, src12mp: bytes, only: set[str] | None) -> list[
     return steps
 
 
+def box_and_format_steps(src12mp: bytes, only: set[str] | None) -> list[Step]:
+    """Issue 20, whole `transform.render`s of W2's 12 MP source: a `cover` box beside
+    `size` (does cover keep the shrink-on-load?), and JPEG XL beside WebP and AVIF at 400 px
+    (CPU per render and bytes)."""
+    try:
+        from imgproxy import transform
+        from imgproxy.config import default_encode_options
+        from imgproxy.geometry import Box
+    except ImportError:  # run outside the project's venv, or before boxes existed
+        return []
+    transform.configure(1)
+    o = default_encode_options()
+
+    def render(fmt: str, box: Box) -> Callable[[], bytes]:
+        plan = transform.Plan("jpeg", fmt, o, 1 << 40, None, "auto", box=box)
+        return lambda: transform.render(src12mp, plan).data
+
+    def described(out: bytes) -> str:
+        if out[:2] == b"\xff\x0a" or out[4:8] == b"JXL ":
+            return f"JPEG XL, {len(out)} B"
+        img = pyvips.Image.new_from_buffer(out, "")
+        return f"{img.width}x{img.height}, {len(out)} B"
+
+    groups = {
+        "W2box": (
+            "render W2 source (12 MP JPEG) -> JPEG q75: size against boxes",
+            [
+                ("size=400 (400x300)", "jpeg", Box(target=400), "ours"),
+                (
+                    "w=400&h=225&fit=cover (16:9 card)",
+                    "jpeg",
+                    Box(width=400, height=225, fit="cover"),
+                    "alt",
+                ),
+                (
+                    "w=400&h=400&fit=cover (square)",
+                    "jpeg",
+                    Box(width=400, height=400, fit="cover"),
+                    "alt",
+                ),
+                (
+                    "w=400&h=400&fit=contain",
+                    "jpeg",
+                    Box(width=400, height=400, fit="contain"),
+                    "alt",
+                ),
+                ("w=400&h=225&fit=fill", "jpeg", Box(width=400, height=225, fit="fill"), "alt"),
+                (
+                    "w=400&h=400&fit=cover&gravity=smart",
+                    "jpeg",
+                    Box(width=400, height=400, fit="cover", gravity="smart"),
+                    "alt",
+                ),
+            ],
+        ),
+        "W2fmt": (
+            "render W2 source (12 MP JPEG) -> 400 px in each lossy format (default settings)",
+            [
+                ("JPEG q75", "jpeg", Box(target=400), "ours"),
+                ("WebP q80 effort 4", "webp", Box(target=400), "alt"),
+                ("AVIF q85 speed 6", "avif", Box(target=400), "alt"),
+                ("JPEG XL q77 effort 4", "jxl", Box(target=400), "alt"),
+            ],
+        ),
+    }
+    steps = []
+    for key, (what, rows) in groups.items():
+        if only is not None and key not in only:
+            continue
+        cs = [Contender(name, render(fmt, box), side) for name, fmt, box, side in rows]
+        for c in cs:
+            c.check = described(c.fn())
+        steps.append(Step(key, what, cs))
+    return steps
+
+
 # -- timing ------------------------------------------------------------------------------
 
 
@@ -439,6 +516,9 @@ def versions() -> dict[str, str]:
 
 
 def report(steps: list[Step], args: argparse.Namespace) -> str:
+    med = {(s.key, c.name): statistics.median(c.samples) for s in steps for c in s.contenders}
+    own = [s for s in steps if not any(c.side == "pillow" for c in s.contenders)]
+    steps = [s for s in steps if s not in own]
     lines = [
         f"codecs.py: {args.rounds} rounds x {args.batch:g} s batches, {args.clock} time per call, "
         f"VIPS_CONCURRENCY={os.environ['VIPS_CONCURRENCY']}, cache off",
@@ -447,7 +527,8 @@ def report(steps: list[Step], args: argparse.Namespace) -> str:
         "| step | Pillow | libvips | libvips ÷ Pillow | ours now | ours ÷ Pillow |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    med = {(s.key, c.name): statistics.median(c.samples) for s in steps for c in s.contenders}
+    if not steps:
+        lines = lines[:2]
     for s in steps:
         p = next(c for c in s.contenders if c.side == "pillow")
         v = next(c for c in s.contenders if c.side == "vips")
@@ -456,9 +537,10 @@ def report(steps: list[Step], args: argparse.Namespace) -> str:
         lines.append(
             f"| {s.title} | {ms(mp)} | {ms(mv)} | {mv / mp:.2f}× | {ms(mo)} | {mo / mp:.2f}× |"
         )
-    lines += ["", "All contenders (median over rounds; min–max of the round medians):", ""]
-    lines += ["| step | contender | time | ÷ Pillow | rounds min–max | output |"]
-    lines += ["|---|---|---:|---:|---|---|"]
+    if steps:
+        lines += ["", "All contenders (median over rounds; min–max of the round medians):", ""]
+        lines += ["| step | contender | time | ÷ Pillow | rounds min–max | output |"]
+        lines += ["|---|---|---:|---:|---|---|"]
     for s in steps:
         p = next(c for c in s.contenders if c.side == "pillow")
         for c in s.contenders:
@@ -483,6 +565,17 @@ def report(steps: list[Step], args: argparse.Namespace) -> str:
             f"W5 codec path (dec2 + lanczos + webp): Pillow {ms(pil)}, libvips {ms(vip)}, "
             f"faster of each {ms(best)} (Pillow ÷ that = {pil / best:.2f}×)",
         ]
+    for s in own:  # our renders only (W2box, W2fmt): each against the group's first row
+        first = s.contenders[0]
+        lines += ["", s.title + ":", ""]
+        lines += ["| contender | CPU per render | ÷ first row | renders/s per core | output |"]
+        lines += ["|---|---:|---:|---:|---|"]
+        for c in s.contenders:
+            m = med[s.key, c.name]
+            lines.append(
+                f"| {c.name} | {ms(m)} | {m / med[s.key, first.name]:.2f}× | {1 / m:.1f} "
+                f"| {c.check} |"
+            )
     return "\n".join(lines)
 
 
@@ -492,7 +585,8 @@ def main() -> None:
     ap.add_argument("--batch", type=float, default=0.12, help="seconds per contender per round")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument(
-        "--only", help="comma list of steps: dec2,dec8,lanczos,webp,jpeg,fixed,W2,W3,W5"
+        "--only",
+        help="comma list of steps: dec2,dec8,lanczos,webp,jpeg,fixed,W2,W3,W5,W2box,W2fmt",
     )
     ap.add_argument("--corpus", default=os.path.join(WORK, "corpus"))
     ap.add_argument("--json", help="write raw samples here")
