@@ -45,9 +45,10 @@ ALLOWED: dict[str, set[str]] = {
     "fastcodecs": set(),
     # the render pool: execute() is the render job (read from sources, sniff, Plan,
     # transform.render); it may run in a render process, so it needs them directly
-    "pool": {"admission", "sniff", "transform", "params", "sources"} | BASE,
-    # the instance's permits and queue (shared memory made by the main process)
-    "admission": {"errors"},
+    "pool": {"renderers", "sniff", "transform", "params", "sources"} | BASE,
+    # the pool's process machinery (dispatcher, render processes, the worker's client): it
+    # moves pickled jobs and replies and knows no image code
+    "renderers": {"errors"},
     "produce": {"cache", "flight", "pool", "transform", "sniff", "params", "sources"} | BASE,
     # cache: MemoryTier, the passthrough file memo
     "service": {"produce", "params", "sources", "sniff", "negotiate", "cache"} | BASE,

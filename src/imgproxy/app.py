@@ -117,19 +117,19 @@ async def start_instance(app: Sanic[Any, Any]) -> None:
             "settings it started with; restart the server to change those"
         )
     app.ctx.metrics_dir = metrics_mod.prepare_directory()
-    threads = s.limits.transform_threads
-    # the workers Sanic really starts (the CLI's --workers), not only IMAGE_PROXY_WORKERS
-    count = max(int(app.state.workers or 1), s.server.workers)
-    shared = pool.shared_primitives(threads, count)
+    # the render queue: its dispatcher (a thread here) and render processes; a worker that
+    # dies closes its connection to it, which gives back every place it held
+    app.ctx.render_pool, shared = pool.start_instance(s)
     shared["cache_breaker"] = cache.shared_breaker_state()
     for name, value in shared.items():
         setattr(app.shared_ctx, name, value)
-    # a worker killed mid-render cannot return its render permits: the watchdog does
-    app.ctx.on_worker_death.append(lambda index, pid: pool.reclaim(app.shared_ctx, index, threads))
     app.ctx.instance_dir = cache.instance.prepare(s)
 
 
 async def stop_instance(app: Sanic[Any, Any]) -> None:
+    dispatcher = getattr(app.ctx, "render_pool", None)
+    if dispatcher is not None:
+        dispatcher.stop()
     cache.instance.remove(getattr(app.ctx, "instance_dir", None))
     metrics_mod.remove_directory(getattr(app.ctx, "metrics_dir", None))
 
@@ -160,7 +160,7 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
         await chain.warm_up()
     elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
-    renders = pool.Pool.from_shared(app.shared_ctx, s.limits, s.encode, m)
+    renders = pool.open_pool(app.shared_ctx, s.limits, s.encode, m)
     http = None
     if s.fallback.url:  # the memo's budget is the instance's: each worker keeps its share
         memo = s.fallback.memo_size // s.server.workers

@@ -162,11 +162,11 @@ def _log_level(raw: str) -> str:
     raise ValueError("not a log level (allowed TRACE, DEBUG, INFO, WARN, ERROR)")
 
 
-def _or_cpus(parse: Callable[[str], int]) -> Callable[[str], int]:
-    """Empty or unset: the CPU count."""
+def _or_cpus(parse: Callable[[str], int], extra: int = 0) -> Callable[[str], int]:
+    """Empty or unset: the CPU count (plus `extra`)."""
 
     def wrapped(raw: str) -> int:
-        return cpu_count() if not raw.strip() else parse(raw)
+        return cpu_count() + extra if not raw.strip() else parse(raw)
 
     return wrapped
 
@@ -415,9 +415,11 @@ class Limits:
     transform_threads: int = setting(
         "IMAGE_PROXY_TRANSFORM_THREADS",
         "",
-        _or_cpus(_int(1, 64)),
+        # one more than the cores: a render process never waits for its next job while a
+        # core idles (bench/README.md -> Render pool)
+        _or_cpus(_int(1, 64), extra=1),
         "concurrent transforms per instance (all workers together)",
-        shown=CPUS,
+        shown="number of CPUs + 1",
     )
     transform_queue: int = setting(
         "IMAGE_PROXY_TRANSFORM_QUEUE",
@@ -427,6 +429,13 @@ class Limits:
     )
     vips_concurrency: int = setting(
         "IMAGE_PROXY_VIPS_CONCURRENCY", "1", _int(1, 64), "libvips threads per transform"
+    )
+    render_pool: str = setting(
+        "IMAGE_PROXY_RENDER_POOL",
+        "processes",
+        _choice("processes", "threads"),
+        "processes: TRANSFORM_THREADS render processes fed by one queue per instance; "
+        "threads: renders in the HTTP workers' threads (less memory)",
     )
 
 
