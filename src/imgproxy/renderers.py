@@ -107,6 +107,8 @@ class Dispatcher:
         self.idle: deque[_Peer] = deque()  # render processes waiting for a job
         self.free = procs if mode == "permits" else 0
         self.children: dict[int, Any] = {}  # pid -> multiprocessing.Process
+        self.peers: set[_Peer] = set()  # every connection: workers and render processes
+        self.handlers: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._stopped = False
@@ -140,18 +142,26 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = await asyncio.start_unix_server(self._serve, self.address)
+        self._ready.set()  # the workers may connect; jobs wait for the render processes
         if self.mode == "processes":
             for _ in range(self.procs):
-                self._spawn()
-        self._ready.set()
+                await self._loop.run_in_executor(None, self._spawn)
         sweeper = asyncio.ensure_future(self._sweep())
         try:
             await self._stop.wait()
         finally:
             sweeper.cancel()
             server.close()
+            for peer in list(self.peers):  # EOF for every render process and worker
+                peer.alive = False
+                peer.writer.close()
+            if self.handlers:
+                await asyncio.wait(self.handlers, timeout=2)
 
     def _spawn(self) -> None:
+        """Start one render process (in an executor thread: a spawn takes a moment)."""
+        if self._stopped:
+            return
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=serve_renders,
@@ -179,6 +189,10 @@ class Dispatcher:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _Peer(writer)
         role = 0
+        task = asyncio.current_task()
+        assert task is not None
+        self.peers.add(peer)
+        self.handlers.add(task)
         try:
             while True:
                 size, kind, call = _HEAD.unpack(await reader.readexactly(_HEAD.size))
@@ -200,9 +214,11 @@ class Dispatcher:
                     peer.granted -= 1
                     self.free += 1
                     self._dispatch()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the peer went away, or the dispatcher stops
         finally:
+            self.peers.discard(peer)
+            self.handlers.discard(task)
             peer.alive = False
             writer.close()
             if role == HELLO_RENDERER:
@@ -271,7 +287,10 @@ class Dispatcher:
         )
         young = time.monotonic() - renderer.started < YOUNG
         assert self._loop is not None
-        self._loop.call_later(RESPAWN_PAUSE if young else 0.0, self._spawn)
+        loop = self._loop
+        loop.call_later(
+            RESPAWN_PAUSE if young else 0.0, lambda: loop.run_in_executor(None, self._spawn)
+        )
 
 
 # -- a render process ------------------------------------------------------------------------
