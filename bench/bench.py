@@ -699,6 +699,7 @@ def _floor_worker(args: tuple) -> tuple[int, float]:
     os.environ["VIPS_CONCURRENCY"] = "1"
     from imgproxy import geometry, transform
     from imgproxy.geometry import Box
+    from imgproxy.transform.ops import jpeg_shrink
 
     transform.configure(1)
     import pyvips
@@ -722,7 +723,7 @@ def _floor_worker(args: tuple) -> tuple[int, float]:
             transform.render(data, plan)
         else:  # the decode our transform chooses: the DCT shrink that covers the resize
             rw, rh = geometry.fit(box, hdr.width, hdr.height).resize
-            shrink = transform._jpeg_shrink(hdr.width, hdr.height, rw, rh)
+            shrink = jpeg_shrink(hdr.width, hdr.height, rw, rh)
             pyvips.Image.new_from_buffer(data, "", shrink=shrink).copy_memory()
 
     while time.time() < start_at:

@@ -33,25 +33,21 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
-import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import pyvips
 
-from . import fastcodecs, geometry
-from .config import EncodeOptions
-from .errors import RenderFailed, UnprocessableImage
-from .geometry import Box, Geometry
+from .. import fastcodecs, geometry
+from ..errors import RenderFailed, UnprocessableImage
+from ..geometry import Box
+from .ops import encode_jxl, fast_encode, is_srgb_profile, jpeg_shrink, resize_exact
+from .work import Plan, Rendered, Step, Work
+
+__all__ = ["STEPS", "VERSION", "Plan", "Rendered", "codec_versions", "configure", "render"]
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 # our four, and GIF sources (first frame; the libvips type is Nsgif, not Gif)
 _LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "Heif", "Nsgif"))
-_JPEG_SHRINKS = (8, 4, 2)
-_SRGB_DESCRIPTIONS = frozenset({"sRGB", "sRGB built-in", "sRGB IEC61966-2.1"})
 _AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
 # What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
@@ -95,65 +91,6 @@ def configure(concurrency: int) -> None:
     pyvips.operation_block_set("VipsForeignLoad", True)
     for name in _LOADERS:
         pyvips.operation_block_set(name, False)
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Everything one render needs besides the bytes, resolved by the service."""
-
-    source_type: str  # sniffed: avif, gif, jpeg, png or webp
-    format: str  # output: avif, jpeg, jxl, png or webp
-    encode: EncodeOptions
-    max_pixels: int  # width x height from the header, checked before decoding
-    target: int | None = None  # longest output edge (`size`); None = keep the size
-    algorithm: str = "auto"  # auto, thumbnail, lanczos3 or bicubic
-    bw: bool = False
-    box: Box | None = None  # w/h/fit/gravity (instead of `target`)
-    quality: int | None = None  # the lossy encoder's quality; None: the format's setting
-    background: tuple[int, int, int, int] | None = None  # `pad` colour, RGBA
-    recompress: bool = False  # JPEG -> JPEG XL losslessly (a JPEG source only)
-
-    @property
-    def request(self) -> Box:
-        return self.box if self.box is not None else Box(target=self.target)
-
-
-@dataclass
-class Rendered:
-    data: bytes
-    format: str
-    width: int
-    height: int
-    steps: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Work:
-    """What the steps share: the input, the plan, the header's facts, the image so far."""
-
-    data: bytes
-    plan: Plan
-    image: pyvips.Image = None
-    orientation: int = 1
-    size: tuple[int, int] = (0, 0)  # resized size, upright
-    stored: tuple[int, int] = (0, 0)  # resized size before orientation
-    geometry: Geometry | None = None
-    algorithm: str = "none"  # resolved: none, thumbnail, lanczos3 or bicubic
-    resizing: bool = False
-    upright: bool = False  # libvips' thumbnail has applied the orientation already
-    decoded: bool = False  # the pixels are in memory: a libvips failure is ours, not the input's
-    # fastcodecs' decoded buffer, which libvips reads without owning it: alive for the
-    # render (pyvips' copy_memory does not carry new_from_memory's reference along)
-    pixels: Any = None
-    output: bytes = b""
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    phase: str  # decode | resize | encode: the key its time is reported under
-    run: Callable[[Work], pyvips.Image]
-    materialise: bool = False  # pixels into memory after this step (ends a timed phase)
 
 
 def output_size(width: int, height: int, target: int | None) -> tuple[int, int]:
@@ -220,7 +157,7 @@ def load(w: Work) -> pyvips.Image:
     header, (tw, th) = w.image, w.size
     how = w.algorithm if w.resizing else "full"
     if w.plan.source_type == "jpeg":  # a full decode is DCT shrink 1
-        shrink = _jpeg_shrink(header.width, header.height, *w.stored) if how == "thumbnail" else 1
+        shrink = jpeg_shrink(header.width, header.height, *w.stored) if how == "thumbnail" else 1
         return _load_jpeg(w, header, shrink)
     if how == "thumbnail":
         w.upright = True
@@ -233,7 +170,7 @@ def load(w: Work) -> pyvips.Image:
 
 def resize(w: Work) -> pyvips.Image:
     width, height = w.size if w.upright else w.stored
-    return _resize(w.image, width, height, _KERNELS.get(w.plan.algorithm, "lanczos3"))
+    return resize_exact(w.image, width, height, _KERNELS.get(w.plan.algorithm, "lanczos3"))
 
 
 def orient(w: Work) -> pyvips.Image:
@@ -244,7 +181,7 @@ def orient(w: Work) -> pyvips.Image:
 
 def colour(w: Work) -> pyvips.Image:
     image = w.image
-    if image.get_typeof("icc-profile-data") and not _is_srgb_profile(image.get("icc-profile-data")):
+    if image.get_typeof("icc-profile-data") and not is_srgb_profile(image.get("icc-profile-data")):
         # a broken profile: fall back to libvips' own conversion below
         with contextlib.suppress(pyvips.Error):
             image = image.icc_transform("srgb", embedded=True, intent="relative")
@@ -295,9 +232,9 @@ def flatten(w: Work) -> pyvips.Image:
 def encode(w: Work) -> pyvips.Image:
     image, fmt, o, q = w.image, w.plan.format, w.plan.encode, w.plan.quality
     if fmt == "jxl":
-        w.output = _encode_jxl(image, o.jxl_quality if q is None else q, o.jxl_effort)
+        w.output = encode_jxl(image, o.jxl_quality if q is None else q, o.jxl_effort)
         return image
-    fast = _fast_encode(image, fmt, o, q) if o.fast_codecs else None
+    fast = fast_encode(image, fmt, o, q) if o.fast_codecs else None
     if fast is not None:
         w.output = fast
     elif fmt == "jpeg":
@@ -339,13 +276,6 @@ STEPS: tuple[Step, ...] = (
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _jpeg_shrink(width: int, height: int, w: int, h: int) -> int:
-    """The largest DCT shrink (1/8, 1/4, 1/2) that still covers the output size: the decoder
-    skips most of the work, and Lanczos3 does the rest."""
-    fits = (s for s in _JPEG_SHRINKS if math.ceil(width / s) >= w and math.ceil(height / s) >= h)
-    return next(fits, 1)
-
-
 def _load_jpeg(w: Work, header: pyvips.Image, shrink: int) -> pyvips.Image:
     """A JPEG at 1/`shrink`: simplejpeg's pixels are libvips' own (same IDCT, upsampling
     and rounding), ~35 % cheaper at 1/2 and ~15 % at 1/8 (bench/codecs.py); libvips does
@@ -365,29 +295,6 @@ def _load_jpeg(w: Work, header: pyvips.Image, shrink: int) -> pyvips.Image:
     if w.plan.format == "png":  # the one encoder that writes the resolution (pHYs)
         image = image.copy(xres=header.xres, yres=header.yres)
     return image
-
-
-def _fast_encode(image: pyvips.Image, fmt: str, o: EncodeOptions, q: int | None) -> bytes | None:
-    """JPEG, or lossy WebP, of an 8-bit image through fastcodecs (None: libvips' turn)."""
-    if fmt not in ("jpeg", "webp") or (fmt == "webp" and o.webp_lossless):
-        return None
-    if image.format != "uchar" or image.bands not in ((1, 3) if fmt == "jpeg" else (3, 4)):
-        return None
-    pixels = fastcodecs.Pixels(image.write_to_memory(), image.width, image.height, image.bands)
-    if fmt == "jpeg":
-        return fastcodecs.encode_jpeg(pixels, max(1, o.jpeg_quality if q is None else q))
-    return fastcodecs.encode_webp(pixels, o.webp_quality if q is None else q, o.webp_effort)
-
-
-def _encode_jxl(image: pyvips.Image, quality: int, effort: int) -> bytes:
-    """JPEG XL through fastcodecs (pyvips-binary has no jxlsave); its refusal is ours."""
-    if image.format != "uchar":
-        image = image.cast("uchar")
-    pixels = fastcodecs.Pixels(image.write_to_memory(), image.width, image.height, image.bands)
-    out = fastcodecs.encode_jxl(pixels, quality, effort)
-    if out is None:
-        raise RenderFailed() from RuntimeError(f"libjxl refused a {image.bands}-band image")
-    return out
 
 
 def _recompress(w: Work, timings: dict[str, float]) -> Rendered | None:
@@ -411,48 +318,3 @@ def _recompress(w: Work, timings: dict[str, float]) -> Rendered | None:
         else (header.width, header.height)
     )
     return Rendered(out, "jxl", width, height, timings)
-
-
-def _resize(image: pyvips.Image, width: int, height: int, kernel: str) -> pyvips.Image:
-    if (image.width, image.height) == (width, height):
-        return image
-    alpha = image.hasalpha()
-    band_format = image.format
-    if alpha:
-        image = image.premultiply()
-    image = image.resize(width / image.width, vscale=height / image.height, kernel=kernel)
-    if alpha:
-        image = image.unpremultiply().cast(band_format)
-    if (image.width, image.height) != (width, height):  # guard against a rounding surprise
-        image = image.thumbnail_image(width, height=height, size="force")
-    return image
-
-
-def _icc_description(profile: bytes) -> str:
-    """The 'desc' text of an RGB ICC profile (v2 'desc' or v4 'mluc' type); '' if unreadable."""
-    try:
-        if profile[36:40] != b"acsp" or profile[16:20] != b"RGB ":
-            return ""
-        (count,) = struct.unpack_from(">I", profile, 128)
-        for i in range(min(count, 64)):
-            sig, off, size = struct.unpack_from(">4sII", profile, 132 + 12 * i)
-            if sig != b"desc":
-                continue
-            tag = profile[off : off + size]
-            if tag[:4] == b"desc":  # v2: uint32 length, then ASCII with a trailing NUL
-                (n,) = struct.unpack_from(">I", tag, 8)
-                return tag[12 : 12 + n].split(b"\0", 1)[0].decode("ascii", "replace").strip()
-            if tag[:4] == b"mluc":  # v4: first record's UTF-16BE string
-                n, at = struct.unpack_from(">II", tag, 20)
-                return tag[at : at + n].decode("utf-16-be", "replace").strip()
-            return ""
-    except (struct.error, ValueError):
-        pass
-    return ""
-
-
-def _is_srgb_profile(profile: bytes) -> bool:
-    """An embedded sRGB profile: converting it to sRGB is an identity that still costs an
-    lcms transform (+2.5 ms at 400 px, +6-11 % of a W2/W5 render), so it is skipped."""
-    desc = _icc_description(profile)
-    return desc in _SRGB_DESCRIPTIONS or desc.startswith("sRGB IEC61966-2")
