@@ -17,7 +17,7 @@ import diskcache
 import pytest
 import pyvips
 
-from conftest import Server, photo
+from conftest import Resp, Server, photo
 from imgproxy.cache import MemoryTier
 from imgproxy.cache.chain import WriteBehind
 from imgproxy.cache.fleet import OPEN_FIRST, OPEN_MAX, Breaker
@@ -318,3 +318,35 @@ def test_write_behind_is_bounded_by_count_and_bytes_and_drains() -> None:
 
     asyncio.run(main())
     assert "c" in written
+
+
+def test_remembered_answers_follow_a_changed_file_at_once(
+    serve: Callable[..., Server], images: Path
+) -> None:
+    """A URL's answer (negotiated spec, key, ETag, headers) is learnt once per source
+    identity: repeated hits and passthroughs carry the very same headers, and a file changed
+    on disk shows on the next request, headers included."""
+    s = serve(images, **CACHE_ON)
+    ignore = {"x-request-id", "server-timing", "date"}
+
+    def stable(r: Resp) -> dict[str, str]:
+        return {k: v for k, v in r.headers.items() if k not in ignore}
+
+    for url in ("/a.jpg", "/a.jpg?size=100&format=png"):
+        s.get(url)
+        first, second = s.get(url), s.get(url)
+        assert stable(first) == stable(second) and first.body == second.body
+    old_pass, old_hit = s.get("/a.jpg"), s.get("/a.jpg?size=100&format=png")
+    assert old_hit.headers["x-cache"] == "HIT"
+    photo(300, 200).jpegsave(str(images / "a.jpg"))
+    later = time.time() + 10
+    os.utime(images / "a.jpg", (later, later))
+    new_pass = s.get("/a.jpg")
+    assert new_pass.body == (images / "a.jpg").read_bytes()
+    assert new_pass.headers["etag"] != old_pass.headers["etag"]
+    assert new_pass.headers["last-modified"] != old_pass.headers["last-modified"]
+    miss = s.get("/a.jpg?size=100&format=png")
+    assert miss.headers["x-cache"] == "MISS" and miss.headers["etag"] != old_hit.headers["etag"]
+    assert pyvips.Image.new_from_buffer(miss.body, "").width == 100
+    hit = s.get("/a.jpg?size=100&format=png")
+    assert hit.headers["x-cache"] == "HIT" and stable(hit) == {**stable(miss), "x-cache": "HIT"}

@@ -51,7 +51,8 @@ ALLOWED: dict[str, set[str]] = {
     "renderers": {"errors"},
     "produce": {"cache", "flight", "pool", "transform", "sniff", "params", "sources"} | BASE,
     # cache: MemoryTier, the passthrough file memo
-    "service": {"produce", "params", "sources", "sniff", "negotiate", "cache"} | BASE,
+    # urls: the parsed URL, which carries what serving it taught (service.Known)
+    "service": {"urls", "produce", "params", "sources", "sniff", "negotiate", "cache"} | BASE,
     "responses": {"service"} | BASE,
     # what follows from the URL alone (signing.check -> params.parse), memoised per URL
     "urls": {"params"} | BASE,

@@ -26,7 +26,7 @@ from .httpdates import Conditional
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, mark_process_dead
 from .produce import Producer
-from .service import ImageService, Reply
+from .service import ImageService, Outcome, Reply
 from .sources import HttpSource
 
 log = logging.getLogger("imgproxy")
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     # factory runs again there); the whole process only outside tests
     logs.configure(settings.server.log_level, obs.log_format, whole_process=not Sanic.test_mode)
     app.ctx.settings = settings
+    app.ctx.timing, app.ctx.access = obs.server_timing, obs.access_log  # responses.finish
     # (worker index, pid) -> None, run in the main process when a worker died (workers.py):
     # main_process_start listeners add theirs, e.g. to return what the dead worker held.
     app.ctx.on_worker_death = []
@@ -167,6 +168,7 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
         http = HttpSource(s.fallback, f"imgproxy/{__version__}", memo)
     app.ctx.service = ImageService(s, m, Producer(s, m, renders, chain), http)
     app.ctx.urls = urls.Urls(s)
+    app.ctx.negotiation = bool(s.images.preferred_formats)
 
 
 async def stop_worker(app: Sanic[Any, Any]) -> None:
@@ -186,36 +188,22 @@ async def metrics(request: Request) -> HTTPResponse:
 
 
 async def image(request: Request, path: str) -> HTTPResponse:
-    service: ImageService = request.app.ctx.service
-    settings: Settings = service.settings
+    ctx = request.app.ctx
+    service: ImageService = ctx.service
     request.ctx.reply = None  # an image request: responses.finish adds Server-Timing
     service.metrics.in_flight.inc()
     reply: Reply | None = None
-    kind = "other"
     headers = request.headers
     accept = None
-    if settings.images.preferred_formats:
+    if ctx.negotiation:
         accept = ",".join(headers.getall("accept", ()))  # RFC 9110: lines join
-    parsed = request.app.ctx.urls.parse(
-        request.path, request.query_string, headers.get("sec-ch-dpr"), accept
-    )
-    label = parsed.label
+    parsed = ctx.urls.parse(request.path, request.query_string, headers.get("sec-ch-dpr"), accept)
+    out = Outcome(parsed.label)
     try:
-        spec = parsed.get()
         cond = Conditional.from_headers(headers)
-        located = None
-        if accept is not None and spec.format is None:
-            spec, located, negotiated = await service.negotiate(spec, accept)
-            if negotiated:
-                label = negotiated
-        if spec.is_passthrough:
-            kind = "passthrough"
-            reply = await service.passthrough(spec, cond, located, request.method == "HEAD")
-        else:
-            kind = "transform"
-            reply = await service.transform(spec, cond, located)
+        reply = await service.serve(parsed, cond, accept, request.method == "HEAD", out)
         request.ctx.reply = reply
-        response = await responses.build(request, reply, settings)
+        response = await responses.build(request, reply, service.settings)
         status = reply.status
     except ImgProxyError as exc:
         response = responses.error(exc)
@@ -227,11 +215,9 @@ async def image(request: Request, path: str) -> HTTPResponse:
         status = response.status
     finally:
         service.metrics.in_flight.dec()
-    sent = (
-        reply.size if reply is not None and reply.status == 200 and request.method == "GET" else 0
-    )
+    sent = reply.size if reply is not None and status == 200 and request.method == "GET" else 0
     seconds = time.perf_counter() - request.ctx.started  # set by responses.begin
-    service.observe(label, status, kind, seconds, sent)
+    service.observe(out.label, status, out.kind, seconds, sent)
     return response
 
 

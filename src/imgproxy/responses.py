@@ -25,7 +25,7 @@ log = logging.getLogger("imgproxy")
 TEXT = "text/plain; charset=utf-8"
 
 
-async def build(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
+def headers_of(reply: Reply, settings: Settings) -> dict[str, str]:
     images = settings.images
     # negotiation on: the same URL answers differently per Accept, and caches must know
     vary = "Accept, Sec-CH-DPR" if images.preferred_formats else "Sec-CH-DPR"
@@ -36,6 +36,18 @@ async def build(request: Request, reply: Reply, settings: Settings) -> HTTPRespo
         headers["Last-Modified"] = format_date(int(reply.last_modified))
     if reply.x_cache and images.cache_status_header:
         headers[images.cache_status_header] = reply.x_cache
+    return headers
+
+
+async def build(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
+    """The response for `reply`. A 200 whose headers the service keeps (`reply.headers`, a
+    HIT or a passthrough of the same source identity) builds them once and reuses them."""
+    headers = reply.headers
+    if not headers:
+        built = headers_of(reply, settings)
+        if headers is not None:
+            headers.update(built)  # kept with the answer for the next request
+        headers = built
     if reply.status == 304:
         return HTTPResponse(status=304, headers=headers)
     if reply.stream is None:
@@ -72,22 +84,23 @@ def begin(request: Request) -> None:
 
 
 def finish(request: Request, response: BaseHTTPResponse) -> None:
-    """Every response: X-Request-ID and the access line; image responses: Server-Timing."""
-    ctx = request.ctx
-    now = time.perf_counter()
+    """Every response: X-Request-ID and the access line; image responses: Server-Timing.
+    What is off costs one flag test (`app.ctx.timing`, `.access`: set by create_app)."""
+    ctx, app = request.ctx, request.app.ctx
     rid = getattr(ctx, "request_id", None) or logs.request_id(request.headers.get("x-request-id"))
     response.headers["X-Request-ID"] = rid
-    settings: Settings = request.app.ctx.settings
     is_image = hasattr(ctx, "reply")
+    if not (app.access or (is_image and app.timing)):
+        return
+    seconds = time.perf_counter() - getattr(ctx, "started", time.perf_counter())
     reply: Reply | None = getattr(ctx, "reply", None)
     cache = None
-    if is_image and settings.cache.enabled:
+    if is_image and app.settings.cache.enabled:
         cache = (reply.cache_tier if reply is not None else None) or "miss"
-    seconds = now - getattr(ctx, "started", now)
-    if is_image and settings.observability.server_timing:
+    if is_image and app.timing:
         steps = reply.steps if reply is not None else None
         response.headers["Server-Timing"] = server_timing(seconds, steps, cache)
-    if settings.observability.access_log:
+    if app.access:
         fmt = None
         if reply is not None and reply.content_type:
             fmt = reply.content_type.rpartition("/")[2]

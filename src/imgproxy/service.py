@@ -1,7 +1,10 @@
 """What one image request is:
 
-    spec (urls) -> locate -> passthrough: the bytes  |  negotiate -> transform: key ->
-    conditional? 304 -> produce (tiers -> once -> pool -> tiers) -> Reply
+    serve: spec (urls) -> locate -> passthrough: the bytes  |  negotiate -> transform: key
+    -> conditional? 304 -> produce (tiers -> once -> pool -> tiers) -> Reply
+
+What follows from the URL and the source's identity (the negotiated spec, the key, the ETag,
+the headers of a 200) is learnt once and kept with the parsed URL (`Known`).
 
 Image work never runs on the event loop. Leaf modules report facts; this module (and
 `produce`) turn them into metrics.
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -31,6 +35,7 @@ from .metrics import Metrics
 from .params import TransformSpec
 from .produce import Producer
 from .sources import Fetched, HttpSource, LocalFile, LocalSource, Located, OpenFile, read_file
+from .urls import Parsed
 
 SMALL_FILE = 1024 * 1024  # the biggest file kept in the per-worker passthrough memo
 INLINE_READ = 4096  # SPEC: a file read over a few KiB never runs on the event loop
@@ -51,6 +56,30 @@ class Reply:
     x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
     cache_tier: str | None = None  # memory | disk | redis | miss, when the cache is enabled
     steps: dict[str, float] | None = None  # seconds per step when a render ran for it
+    headers: dict[str, str] | None = None  # the answer's headers, once built (`Known`)
+
+
+@dataclass(slots=True)
+class Known:
+    """What answering a URL taught, valid while its source keeps this identity: the spec
+    after negotiation, the key, the ETag, and the headers of a 200 (built once by
+    `responses`; a MISS, a 304 and a HEAD build their own)."""
+
+    identity: str
+    spec: TransformSpec
+    negotiated: str | None
+    key: str | None  # transforms only
+    etag: str
+    output: params.Output | None = None  # transforms only: the resolved output
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the metrics say of one request, filled in as it is learnt."""
+
+    label: str  # `format` of image_requests_total
+    kind: str = "other"  # passthrough | transform
 
 
 class ImageService:
@@ -73,10 +102,41 @@ class ImageService:
         self.files = MemoryTier(share, SMALL_FILE)
         # path + identity -> header facts
         self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
+        m = metrics  # children bound once: a labels() lookup costs more than the increment
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._duration = {k: m.duration.labels(k) for k in ("passthrough", "transform", "other")}
+        self._bytes = {k: m.bytes_served.labels(k) for k in ("passthrough", "transform", "other")}
 
     @property
     def cache(self):  # type: ignore[no-untyped-def]
         return self.producer.cache
+
+    async def serve(
+        self, parsed: Parsed, cond: Conditional, accept: str | None, head: bool, out: Outcome
+    ) -> Reply:
+        """One image request, from its parsed URL to the Reply."""
+        spec = parsed.get()
+        out.kind = "passthrough" if spec.is_passthrough else "transform"
+        located = await self.locate(spec.path)  # every time: a swapped file shows at once
+        known = parsed.known
+        if not isinstance(known, Known) or known.identity != located.identity:
+            known = parsed.known = await self._learn(spec, accept, located)
+        if known.negotiated:
+            out.label = known.negotiated
+        if known.spec.is_passthrough:
+            return await self.passthrough(known, cond, located, head)
+        out.kind = "transform"
+        return await self.transform(known, cond, located, head)
+
+    async def _learn(self, spec: TransformSpec, accept: str | None, located: Located) -> Known:
+        negotiated = None
+        if accept is not None and spec.format is None:
+            spec, _, negotiated = await self.negotiate(spec, accept, located)
+        if spec.is_passthrough:
+            return Known(located.identity, spec, negotiated, None, f'"{located.identity}"')
+        output = await self.resolve(spec, located)
+        key = self.producer.key(output, located)
+        return Known(located.identity, spec, negotiated, key, f'"{key[:40]}"', output)
 
     # -- sources -------------------------------------------------------------------------
 
@@ -103,7 +163,7 @@ class ImageService:
     # -- format negotiation --------------------------------------------------------------
 
     async def negotiate(
-        self, spec: TransformSpec, accept: str | None
+        self, spec: TransformSpec, accept: str | None, located: Located | None = None
     ) -> tuple[TransformSpec, Located | None, str | None]:
         """SPEC "Format negotiation" (no `format` asked): (the spec to serve, the source if
         it was located, the chosen format or None). Type and alpha come from the header
@@ -113,8 +173,9 @@ class ImageService:
             accept, images.preferred_formats, images.allowed_output_formats
         )
         if not candidates:  # `*/*`, no Accept...: nothing to learn from the source
-            return spec, None, None
-        located = await self.locate(spec.path)
+            return spec, located, None
+        if located is None:
+            located = await self.locate(spec.path)
         probe = await self._probe(located)
         if probe is None:  # not an image: passthrough/transform give the usual 415/502
             return spec, located, None
@@ -143,22 +204,17 @@ class ImageService:
     # -- passthrough ---------------------------------------------------------------------
 
     async def passthrough(
-        self,
-        spec: TransformSpec,
-        cond: Conditional,
-        located: Located | None = None,
-        head: bool = False,
+        self, known: Known, cond: Conditional, located: Located, head: bool = False
     ) -> Reply:
         """The original bytes, sniffed before the conditional headers are read (a 304 only
         where a 200 would be). A HEAD or a 304 reads only the first bytes (length: stat)."""
-        if located is None:
-            located = await self.locate(spec.path)
-        etag = f'"{located.identity}"'
+        etag = known.etag
         reply = Reply(200, "", etag, located.mtime)
+        not_modified = bool(cond) and cond.not_modified(etag, located.mtime)
         if isinstance(located, Fetched):
             reply.content_type = self._sniffed(located, located.data)
             reply.body = located.data
-        elif head or (cond and cond.not_modified(etag, located.mtime)):
+        elif head or not_modified:
             entry = self.files.get(f"{located.path}\x00{located.identity}")
             sniffed = entry[1] if entry else self._sniffed(located, self._head(located))
             reply.content_type, reply.size = sniffed, located.size
@@ -174,8 +230,9 @@ class ImageService:
             reply.body, reply.content_type = await self._read_small(located)
         if reply.body is not None:
             reply.size = len(reply.body)
-        if cond and cond.not_modified(etag, located.mtime):
-            reply.status, reply.body = 304, None  # the client holds these very bytes
+            reply.headers = None if head else known.headers
+        if not_modified:
+            reply.status, reply.body, reply.headers = 304, None, None  # the client has them
         return reply
 
     @staticmethod
@@ -207,25 +264,30 @@ class ImageService:
     # -- transform -----------------------------------------------------------------------
 
     async def transform(
-        self, spec: TransformSpec, cond: Conditional, located: Located | None = None
+        self, known: Known, cond: Conditional, located: Located, head: bool = False
     ) -> Reply:
-        if located is None:  # else negotiation already looked it up
-            located = await self.locate(spec.path)
-        output = await self.resolve(spec, located)
-        key = self.producer.key(output, located)
-        etag = f'"{key[:40]}"'
+        output, key, etag = known.output, known.key, known.etag
+        assert output is not None and key is not None
         if cond:
             # the cheap checks first (type, file size, pixel limit from the header), so that
             # If-None-Match: * never turns a 415 or 422 into a 304
             await self.producer.check(located, self.io_executor)
             if cond.not_modified(etag, located.mtime):
                 return Reply(304, sniff.CONTENT_TYPES[output.format], etag, located.mtime)
+        else:
+            entry = self.producer.hot(key)
+            if entry is not None:  # the hot path: no lookup chain, headers already built
+                body, ctype = entry
+                return Reply(200, ctype, etag, located.mtime, body, None, len(body), "HIT",
+                             "memory", None, None if head else known.headers)  # fmt: skip
         made = await self.producer.produce(key, located, output)
         body, ctype = made.entry
         reply = Reply(200, ctype, etag, located.mtime, body=body, size=len(body), steps=made.steps)
         if made.tier is not None:
             reply.x_cache = "MISS" if made.tier == "miss" else "HIT"
             reply.cache_tier = made.tier
+        if not head and made.tier != "miss":  # a HIT (or no cache): the same headers each time
+            reply.headers = known.headers
         return reply
 
     async def resolve(self, spec: TransformSpec, located: Located) -> params.Output:
@@ -240,10 +302,14 @@ class ImageService:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def observe(self, fmt: str, status: int, kind: str, seconds: float, nbytes: int) -> None:
-        self.metrics.requests.labels(fmt, status_label(status)).inc()
-        self.metrics.duration.labels(kind).observe(seconds)
+        child = self._requests.get((fmt, status))
+        if child is None:
+            child = self.metrics.requests.labels(fmt, status_label(status))
+            self._requests[(fmt, status)] = child
+        child.inc()
+        self._duration[kind].observe(seconds)
         if nbytes:
-            self.metrics.bytes_served.labels(kind).inc(nbytes)
+            self._bytes[kind].inc(nbytes)
 
     async def close(self) -> None:
         """Background cache writes drained, tiers, pool and clients closed (on shutdown)."""

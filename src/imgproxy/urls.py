@@ -23,13 +23,14 @@ PARSED_MAX = 4096  # URLs whose parsed form is remembered (LRU)
 _LABEL = re.compile(r"[a-z0-9]{1,10}")  # what a format or file extension can look like
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Parsed:
     """What follows from the URL (and the two headers that matter) alone."""
 
     spec: TransformSpec | None
     error: ImgProxyError | None  # raised afresh (a copy) on every use
     label: str  # `format` of image_requests_total unless negotiation picks one
+    known: object = None  # what serving it taught (service.Known), kept with the URL
 
     def get(self) -> TransformSpec:
         if self.error is not None:
