@@ -19,8 +19,8 @@ import pyvips
 
 from conftest import Resp, Server, photo
 from imgproxy.cache import MemoryTier
+from imgproxy.cache.breaker import OPEN_FIRST, OPEN_MAX, Breaker
 from imgproxy.cache.chain import WriteBehind
-from imgproxy.cache.fleet import OPEN_FIRST, OPEN_MAX, Breaker
 from imgproxy.cache.memory import Entry
 
 CACHE_ON = {"IMAGE_PROXY_ENABLE_CACHE": "true"}

@@ -45,10 +45,11 @@ ALLOWED: dict[str, set[str]] = {
     "fastcodecs": set(),
     # the render pool: execute() is the render job (read from sources, sniff, Plan,
     # transform.render); it may run in a render process, so it needs them directly
-    "pool": {"renderers", "sniff", "transform", "params", "sources"} | BASE,
+    "pool": {"renderers", "dispatcher", "sniff", "transform", "params", "sources"} | BASE,
     # the pool's process machinery (dispatcher, render processes, the worker's client): it
     # moves pickled jobs and replies and knows no image code
     "renderers": {"errors"},
+    "dispatcher": {"renderers"},
     "produce": {"cache", "flight", "pool", "transform", "sniff", "params", "sources"} | BASE,
     # cache: MemoryTier, the passthrough file memo
     # urls: the parsed URL, which carries what serving it taught (service.Known)

@@ -24,6 +24,7 @@ import pytest
 import pool_targets
 from conftest import make_settings, photo, raw_request, subprocess_server
 from imgproxy import params, pool, renderers
+from imgproxy.dispatcher import Dispatcher
 from imgproxy.errors import Overloaded, RenderFailed, UnprocessableImage
 from imgproxy.metrics import Metrics
 
@@ -31,11 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def dispatcher(request: pytest.FixtureRequest) -> Iterator[renderers.Dispatcher]:
+def dispatcher(request: pytest.FixtureRequest) -> Iterator[Dispatcher]:
     procs, queue, mode = getattr(request, "param", (1, 4, "processes"))
-    d = renderers.Dispatcher(
-        procs, queue, 30.0, mode=mode, target=pool_targets.scripted, args=(None,)
-    )
+    d = Dispatcher(procs, queue, 30.0, mode=mode, target=pool_targets.scripted, args=(None,))
     d.start()
     try:
         yield d
@@ -51,18 +50,18 @@ def until(check: Any, what: str, seconds: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def idle(d: renderers.Dispatcher, n: int) -> bool:
+def idle(d: Dispatcher, n: int) -> bool:
     return len([p for p in d.idle if p.alive]) == n
 
 
-async def queued(d: renderers.Dispatcher, n: int) -> None:
+async def queued(d: Dispatcher, n: int) -> None:
     await asyncio.get_running_loop().run_in_executor(
         None, until, lambda: len(d.queue) == n, f"{n} queued"
     )
 
 
 def test_jobs_from_different_workers_run_in_arrival_order(
-    dispatcher: renderers.Dispatcher, tmp_path: Path
+    dispatcher: Dispatcher, tmp_path: Path
 ) -> None:
     """Two connections (two workers) queue jobs alternately behind a blocker: the one
     render process takes them in the order they arrived, whichever worker sent them."""
@@ -90,9 +89,7 @@ def test_jobs_from_different_workers_run_in_arrival_order(
     assert [n for _, _, n in results] == [1, 2, 3, 4, 5], "not first in, first out"
 
 
-def test_beyond_the_queue_a_render_is_refused(
-    dispatcher: renderers.Dispatcher, tmp_path: Path
-) -> None:
+def test_beyond_the_queue_a_render_is_refused(dispatcher: Dispatcher, tmp_path: Path) -> None:
     """1 render at once, 4 waiting: the sixth is refused at once (Overloaded: 503 with
     Retry-After); the five admitted all render."""
     until(lambda: idle(dispatcher, 1), "the render process is up")
@@ -118,7 +115,7 @@ def test_beyond_the_queue_a_render_is_refused(
 
 
 def test_a_worker_that_goes_away_gives_its_places_back(
-    dispatcher: renderers.Dispatcher, tmp_path: Path
+    dispatcher: Dispatcher, tmp_path: Path
 ) -> None:
     """A worker holds the render and every queue place, then its connection closes (as
     when it is killed): the running render finishes into the void, the queued ones are
@@ -152,7 +149,7 @@ def test_a_worker_that_goes_away_gives_its_places_back(
 
 
 def test_a_render_process_killed_mid_render_fails_its_job_and_is_replaced(
-    dispatcher: renderers.Dispatcher, tmp_path: Path
+    dispatcher: Dispatcher, tmp_path: Path
 ) -> None:
     until(lambda: idle(dispatcher, 1), "the render process is up")
     pidfile, gate = tmp_path / "pid", tmp_path / "gate"
@@ -182,7 +179,7 @@ def test_a_render_process_killed_mid_render_fails_its_job_and_is_replaced(
     assert tag == "next" and pid != victim and n == 1
 
 
-def test_errors_keep_their_class_status_and_reason(dispatcher: renderers.Dispatcher) -> None:
+def test_errors_keep_their_class_status_and_reason(dispatcher: Dispatcher) -> None:
     async def run() -> tuple[BaseException, BaseException]:
         c = renderers.Client(dispatcher.address)
         errors = []
@@ -203,7 +200,7 @@ def test_errors_keep_their_class_status_and_reason(dispatcher: renderers.Dispatc
 
 @pytest.mark.parametrize("dispatcher", [(1, 0, "permits")], indirect=True)
 def test_permits_in_arrival_order_and_back_from_a_worker_that_goes_away(
-    dispatcher: renderers.Dispatcher,
+    dispatcher: Dispatcher,
 ) -> None:
     """Design (b): one permit, no queue. A holder's connection closes with the permit
     taken: it comes back, the next worker gets it."""

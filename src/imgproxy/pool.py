@@ -8,7 +8,7 @@ rest in one first-in, first-out queue for the whole instance, beyond
                transform.render
     Pool       `await pool.run(job) -> Rendered`, `close()`; three backends:
       ProcessPool  (default, IMAGE_PROXY_RENDER_POOL=processes) render processes behind the
-                   instance's dispatcher (renderers.py): FIFO by construction, no render
+                   instance's dispatcher (dispatcher.py): FIFO by construction, no render
                    waits on an HTTP loop's GIL, a worker or a render process that dies
                    loses nothing
       PermitPool   (IMAGE_PROXY_RENDER_POOL=threads) the worker renders in its own threads;
@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from . import renderers, sniff, transform
 from .config import EncodeOptions, Limits, Settings
+from .dispatcher import Dispatcher
 from .errors import (
     ImgProxyError,
     Overloaded,
@@ -178,7 +179,7 @@ class ThreadPool:
 
 
 class ProcessPool:
-    """Render processes behind the instance's dispatcher (renderers.py)."""
+    """Render processes behind the instance's dispatcher (dispatcher.py)."""
 
     def __init__(self, address: str, metrics: Metrics) -> None:
         self.client = renderers.Client(address)
@@ -264,12 +265,12 @@ def renderer(settings: Settings) -> Callable[[tuple[Job, bool]], Rendered]:
 # -- wiring ----------------------------------------------------------------------------------
 
 
-def start_instance(settings: Settings) -> tuple[renderers.Dispatcher, dict[str, Any]]:
+def start_instance(settings: Settings) -> tuple[Dispatcher, dict[str, Any]]:
     """Main process: the dispatcher (and its render processes) and what the workers need to
     find it (`app.shared_ctx` entries)."""
     limits = settings.limits
     mode = "permits" if limits.render_pool == "threads" else "processes"
-    dispatcher = renderers.Dispatcher(
+    dispatcher = Dispatcher(
         limits.transform_threads,
         limits.transform_queue,
         SLOT_WAIT,

@@ -17,8 +17,9 @@ from collections.abc import Callable, MutableSequence
 
 from ..config import Settings
 from . import instance
+from .breaker import shared_breaker_state
 from .chain import CacheChain, Lookup
-from .fleet import FleetTier, shared_breaker_state
+from .fleet import FleetTier
 from .memory import Entry, MemoryTier
 from .store import Leases, Store
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import secrets
-import time
 from collections.abc import Awaitable, Callable, MutableSequence
 from typing import Any, TypeVar
 
@@ -39,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from .breaker import Breaker, describe
 from .memory import Entry
 
 Failure = tuple[int, str, float]  # flight.Failure: (HTTP status, public reason, seconds kept)
@@ -50,7 +49,6 @@ LOCK_TTL = 5.0  # seconds; the holder refreshes it, a dead holder's lock expires
 DONE_TTL_MS = 60_000  # the `done` stream outlives the lock a little, for late waiters
 WAIT_SLICE = 1.0  # one XREAD BLOCK; waiters re-check the lock and the value between
 MAX_WAITERS = 16  # blocking XREADs per worker; more waiters poll instead
-OPEN_FIRST, OPEN_MAX = 0.5, 4.0  # breaker open time: doubles per failed probe
 RATE = 20e6  # bytes per second a slow link still moves: a big value's extra time budget
 FIRST_BYTES = 256 << 10  # read with the length in the first round trip of a `get`
 MAX_BIG = 4  # connections per worker for big transfers
@@ -77,65 +75,6 @@ redis.call('pexpire', KEYS[2], ARGV[3])
 return 1
 """
 
-# Breaker state slots (a RawArray('d', 3) shared by the workers, or a plain list)
-_OPEN_UNTIL, _FAILURES, _DOWN = 0, 1, 2
-
-
-def shared_breaker_state() -> Any:
-    """Breaker state shared by the workers; call in the main process (main_process_start)."""
-    return multiprocessing.get_context("spawn").RawArray("d", 3)
-
-
-class Breaker:
-    """Closed until TRIP consecutive failures (one slow answer on a busy machine is not an
-    outage); then open for 0.5 s, doubling up to 4 s per failed probe; half-open: one call
-    per worker probes, a success closes it."""
-
-    TRIP = 2
-
-    def __init__(self, state: MutableSequence[float] | None, on_error: Callable[[], None]) -> None:
-        self.state: MutableSequence[float] = state if state is not None else [0.0, 0.0, 0.0]
-        self.on_error = on_error
-        self.probing = False
-
-    @property
-    def closed(self) -> bool:
-        return self.state[_FAILURES] < self.TRIP
-
-    def allow(self) -> bool:
-        s = self.state
-        if s[_FAILURES] < self.TRIP:
-            return True
-        if time.monotonic() < s[_OPEN_UNTIL] or self.probing:
-            return False
-        self.probing = True  # half-open: this call is the probe; the worker's others skip
-        return True
-
-    def success(self) -> None:
-        self.probing = False
-        s = self.state
-        if s[_FAILURES]:
-            s[_FAILURES] = s[_OPEN_UNTIL] = 0.0
-            if s[_DOWN]:
-                s[_DOWN] = 0.0
-                log.warning("redis cache tier is reachable again")
-
-    def failure(self, exc: BaseException) -> None:
-        self.probing = False
-        self.on_error()
-        s = self.state
-        n = s[_FAILURES] + 1
-        s[_FAILURES] = n
-        if n < self.TRIP:
-            return
-        s[_OPEN_UNTIL] = time.monotonic() + min(OPEN_MAX, OPEN_FIRST * 2 ** (n - self.TRIP))
-        if not s[_DOWN]:
-            s[_DOWN] = 1.0
-            log.warning(
-                "redis cache tier unavailable, serving without it (retrying in the background): %s",
-                _describe(exc),
-            )
-
 
 def _failure(raw: object) -> Failure | None:
     """b"422 corrupt or truncated image" -> (422, "corrupt or truncated image")."""
@@ -145,10 +84,6 @@ def _failure(raw: object) -> Failure | None:
     if not status.isdigit() or not 400 <= int(status) <= 599:
         return None
     return int(status), reason, 0.0
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def connect_timeout(url: str, timeout: float) -> float:
@@ -238,7 +173,7 @@ class FleetTier:
             self.on_error()
             if not self._full_warned:
                 self._full_warned = True
-                log.warning("redis cache tier refused a command: %s", _describe(exc))
+                log.warning("redis cache tier refused a command: %s", describe(exc))
             return None
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure(exc)
