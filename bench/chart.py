@@ -35,7 +35,14 @@ LABELS = {
     "W6": "W6 one URL\n(cache path)",
 }
 OURS = "ours"
-COLOURS = {"nginx": "#9e9e9e", "thumbor": "#4e79a7", "ipx": "#f28e2b", OURS: "#e15759"}
+COLOURS = {
+    "nginx": "#9e9e9e",
+    "sanic-floor": "#bab0ac",
+    "thumbor": "#4e79a7",
+    "thumbor-fork": "#a0cbe8",
+    "ipx": "#f28e2b",
+    OURS: "#e15759",
+}
 FLOOR_STYLES = {"thumbnail": ("k", "-"), "fast": ("k", ":")}
 
 
