@@ -162,6 +162,7 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
     elif s.cache.disk_enabled:
         log.warning("IMAGE_PROXY_ENABLE_DISK_CACHE needs IMAGE_PROXY_ENABLE_CACHE=true; no cache")
     renders = pool.open_pool(app.shared_ctx, s.limits, s.encode, m)
+    transform.configure_memo(pool.decoded_share(renders, s))
     http = None
     if s.fallback.url:  # the memo's budget is the instance's: each worker keeps its share
         memo = s.fallback.memo_size // s.server.workers

@@ -486,6 +486,14 @@ class Cache:
         _int(0, 1 << 40),
         "memory for original files up to 1 MiB, whole instance (each worker keeps its share; revalidated by size+mtime per request)",
     )
+    decoded_size: int = setting(
+        "IMAGE_PROXY_DECODED_CACHE_SIZE",
+        str(96 * MiB),
+        _int(0, 1 << 40),
+        "memory for decoded JPEG sources (the DCT-scaled pixels, reused by other sizes and "
+        "formats of the same file), whole instance (each render process keeps its share; "
+        "an entry over a quarter of a share is not kept; 0: off)",
+    )
     redis_url: str = setting(
         "IMAGE_PROXY_REDIS_URL",
         "",

@@ -70,9 +70,14 @@ class Pixels:
     height: int
     bands: int
 
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height * self.bands
+
 
 def decode_jpeg(data: bytes, shrink: int) -> Pixels | None:
-    """The JPEG decoded at exactly 1/`shrink` (1, 2, 4 or 8), or None for libvips to do it."""
+    """The JPEG decoded at exactly 1/`shrink` (1, 2, 4 or 8), or None for libvips to do it.
+    The buffer is read-only: transform may keep it for later renders (transform/memo.py)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in ("YCbCr", "RGB", "Gray") or min(width, height) < _MIN_EDGE * shrink:
@@ -98,6 +103,7 @@ def decode_jpeg(data: bytes, shrink: int) -> Pixels | None:
         pixels = pixels[:out_h, :out_w].copy()  # a contiguous copy without the last column
     elif out_h != scaled_h:
         pixels = pixels[:out_h]  # rows are contiguous: a view
+    pixels.flags.writeable = False
     return Pixels(pixels, out_w, out_h, bands)
 
 

@@ -28,7 +28,8 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -49,6 +50,7 @@ from .sources import read_capped, read_file
 from .transform import Rendered
 
 SLOT_WAIT = 30.0  # seconds a queued render waits for its turn before its 503
+SETTLE_NS = 2_000_000_000  # a file modified more recently is not memoised decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +85,41 @@ def check_source(size: int, head: bytes, limits: Limits, fetched: bool) -> str:
 
 def execute(job: Job, limits: Limits, encode: EncodeOptions) -> Rendered:
     """One render, in a thread or a render process: read (capped), sniff, limits, render."""
+    source_id: tuple[Hashable, ...] | None
     if job.data is not None:
-        data = job.data
+        data, source_id = job.data, transform.CONTENT
     else:
         assert job.path is not None
+        source_id = file_identity(job.path) if transform.decoded_memo else None
         data = read_capped(job.path, limits.max_source_bytes)
     kind = check_source(job.size, data, limits, job.data is not None)
-    plan = render_plan(job.spec, kind, limits, encode)
+    plan = replace(render_plan(job.spec, kind, limits, encode), source_id=source_id)
     return transform.render(data, plan)
+
+
+def file_identity(path: str) -> tuple[str, int, int, int, int] | None:
+    """A local file's identity for the decoded memo, from a stat *before* the read: a file
+    replaced meanwhile can only put its new pixels under its old identity, which no later
+    stat gives. None (not memoised) when the file changed in the last `SETTLE_NS`: a
+    filesystem's coarse timestamps could give a rewrite within one tick the same mtime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # the read says what is wrong
+    if time.time_ns() - st.st_mtime_ns < SETTLE_NS:
+        return None
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def decoded_share(pool: Pool, settings: Settings) -> int:
+    """The decoded memo of an HTTP worker (IMAGE_PROXY_DECODED_CACHE_SIZE is the
+    instance's): none when render processes render, the worker's share when its threads
+    do, all of it when it is the only process."""
+    if isinstance(pool, ProcessPool):
+        return 0
+    if isinstance(pool, PermitPool):
+        return settings.cache.decoded_size // settings.server.workers
+    return settings.cache.decoded_size
 
 
 def render_plan(output: Output, kind: str, limits: Limits, encode: EncodeOptions) -> transform.Plan:
@@ -251,6 +280,7 @@ def renderer(settings: Settings) -> Callable[[tuple[Job, bool]], Rendered]:
     """In a new render process: set libvips up, return the function that renders a job."""
     transform.configure(settings.limits.vips_concurrency)
     limits, encode = settings.limits, settings.encode
+    transform.configure_memo(settings.cache.decoded_size // limits.transform_threads)
 
     def render(item: tuple[Job, bool]) -> Rendered:
         job, spilled = item

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,9 @@ class Plan:
     quality: int | None = None  # the lossy encoder's quality; None: the format's setting
     background: tuple[int, int, int, int] | None = None  # `pad` colour, RGBA
     recompress: bool = False  # JPEG -> JPEG XL losslessly (a JPEG source only)
+    # the source's identity for the decoded memo (memo.py): a local file's (path, dev,
+    # inode, size, mtime_ns), memo.CONTENT (the bytes' digest), or None: never memoised
+    source_id: tuple[Hashable, ...] | None = None
 
     @property
     def request(self) -> Box:
