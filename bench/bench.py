@@ -697,8 +697,9 @@ def negotiation_micro(corpus: str) -> dict:
 def _floor_worker(args: tuple) -> tuple[int, float]:
     path, fmt, mode, duration, warmup, start_at, offset, wid = args
     os.environ["VIPS_CONCURRENCY"] = "1"
-    from imgproxy import geometry, transform
-    from imgproxy.geometry import Box
+    from imgproxy import transform
+    from imgproxy.transform import geometry
+    from imgproxy.transform.geometry import Box
     from imgproxy.transform.ops import jpeg_shrink
 
     transform.configure(1)

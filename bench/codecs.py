@@ -392,7 +392,7 @@ def box_and_format_steps(src12mp: bytes, only: set[str] | None) -> list[Step]:
     try:
         from imgproxy import transform
         from imgproxy.config import default_encode_options
-        from imgproxy.geometry import Box
+        from imgproxy.transform.geometry import Box
     except ImportError:  # run outside the project's venv, or before boxes existed
         return []
     transform.configure(1)

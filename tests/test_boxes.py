@@ -15,12 +15,12 @@ import pytest
 import pyvips
 
 from conftest import Server, app_server, make_settings, photo
-from imgproxy import geometry
 from imgproxy.config import Settings
 from imgproxy.errors import BadRequest
-from imgproxy.geometry import Box, Geometry
 from imgproxy.params import parse, resolve
 from imgproxy.signing import sign_url
+from imgproxy.transform import geometry
+from imgproxy.transform.geometry import Box, Geometry
 
 
 @pytest.fixture

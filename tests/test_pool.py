@@ -23,10 +23,11 @@ import pytest
 
 import pool_targets
 from conftest import make_settings, photo, raw_request, subprocess_server
-from imgproxy import params, pool, renderers
-from imgproxy.dispatcher import Dispatcher
+from imgproxy import params, pool
 from imgproxy.errors import Overloaded, RenderFailed, UnprocessableImage
 from imgproxy.metrics import Metrics
+from imgproxy.pool import renderers
+from imgproxy.pool.dispatcher import Dispatcher
 
 pytestmark = pytest.mark.slow
 

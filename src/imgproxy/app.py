@@ -18,13 +18,14 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import BadURL, SanicException
 
-from . import __version__, cache, logs, pool, responses, transform, urls, workers
+from . import __version__, cache, logs, pool, responses, transform, workers
 from . import metrics as metrics_mod
 from .config import Settings
 from .errors import ImgProxyError
 from .httpdates import Conditional
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, mark_process_dead
+from .params import urls
 from .produce import Producer
 from .service import ImageService, Outcome, Reply
 from .sources import HttpSource

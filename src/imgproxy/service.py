@@ -33,9 +33,9 @@ from .errors import (
 from .httpdates import Conditional
 from .metrics import Metrics
 from .params import TransformSpec
+from .params.urls import Parsed
 from .produce import Producer
 from .sources import Fetched, HttpSource, LocalFile, LocalSource, Located, OpenFile, read_file
-from .urls import Parsed
 
 SMALL_FILE = 1024 * 1024  # the biggest file kept in the per-worker passthrough memo
 INLINE_READ = 4096  # SPEC: a file read over a few KiB never runs on the event loop

@@ -26,9 +26,9 @@ from collections.abc import Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
-from .. import geometry
 from ..config import ALGORITHMS, FORMAT_ALIASES, OUTPUT_ALIASES, Settings
 from ..errors import BadRequest, NotFound, UnsupportedMediaType
+from ..transform import geometry
 from .spec import (
     ALPHA_FORMATS,
     TRANSPARENT,

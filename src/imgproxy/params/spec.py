@@ -8,9 +8,9 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import astuple, dataclass, replace
 
-from .. import geometry
 from ..config import EncodeOptions, Settings
-from ..geometry import Box, Geometry
+from ..transform import geometry
+from ..transform.geometry import Box, Geometry
 
 ALPHA_FORMATS = frozenset(("avif", "jxl", "png", "webp"))
 WHITE = (255, 255, 255, 255)

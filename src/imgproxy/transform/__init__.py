@@ -38,9 +38,10 @@ import time
 
 import pyvips
 
-from .. import fastcodecs, geometry
+from .. import fastcodecs
 from ..errors import RenderFailed, UnprocessableImage
-from ..geometry import Box
+from . import geometry
+from .geometry import Box
 from .memo import CONTENT, DecodedMemo, memo_key
 from .ops import encode_jxl, fast_encode, is_srgb_profile, jpeg_shrink, resize_exact
 from .work import Plan, Rendered, Step, Work

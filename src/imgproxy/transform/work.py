@@ -9,7 +9,7 @@ from typing import Any
 import pyvips
 
 from ..config import EncodeOptions
-from ..geometry import Box, Geometry
+from .geometry import Box, Geometry
 
 
 @dataclass(frozen=True, slots=True)

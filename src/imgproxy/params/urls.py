@@ -14,10 +14,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from . import params, signing
-from .config import Settings
-from .errors import Forbidden, ImgProxyError
-from .params import TransformSpec
+from .. import params, signing
+from ..config import Settings
+from ..errors import Forbidden, ImgProxyError
+from ..params import TransformSpec
 
 PARSED_MAX = 4096  # URLs whose parsed form is remembered (LRU)
 _LABEL = re.compile(r"[a-z0-9]{1,10}")  # what a format or file extension can look like

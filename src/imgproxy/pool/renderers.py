@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ImgProxyError, Overloaded, RenderFailed
+from ..errors import ImgProxyError, Overloaded, RenderFailed
 
 log = logging.getLogger("imgproxy")
 

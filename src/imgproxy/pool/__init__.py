@@ -34,20 +34,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from . import renderers, sniff, transform
-from .config import EncodeOptions, Limits, Settings
-from .dispatcher import Dispatcher
-from .errors import (
+from .. import sniff, transform
+from ..config import EncodeOptions, Limits, Settings
+from ..errors import (
     ImgProxyError,
     Overloaded,
     UnprocessableImage,
     UnsupportedMediaType,
     UpstreamError,
 )
-from .metrics import Metrics
-from .params import Output
-from .sources import read_capped, read_file
-from .transform import Rendered
+from ..metrics import Metrics
+from ..params import Output
+from ..sources import read_capped, read_file
+from ..transform import Rendered
+from . import renderers
+from .dispatcher import Dispatcher
 
 SLOT_WAIT = 30.0  # seconds a queued render waits for its turn before its 503
 SETTLE_NS = 2_000_000_000  # a file modified more recently is not memoised decoded
