@@ -31,6 +31,8 @@ OWNERS = {
     "redis": {"cache"},
     "prometheus_client": {"metrics"},
     "sanic": {"app", "workers", "__main__"},
+    # DESIGN names none: the cache package, whose LRU is the one byte-bounded LRU (issue 19)
+    "cachetools": {"cache"},
 }
 # Where the code still differs from DESIGN, one edge (importer, imported) at a time, with why.
 DEVIATIONS: dict[tuple[str, str], str] = {
@@ -41,14 +43,19 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("produce", "params"): "the output salt and `Output`, the resolved spec a Job carries",
     ("produce", "sniff"): "a rendered format's content type",
     ("produce", "sources"): "a located source becomes a Job; the conditional request's head read",
-    ("pool", "transform"): "the render job runs in a render process: transform.render there",
-    ("pool", "sniff"): "the render job checks the source's type and size before decoding",
+    ("pool", "transform"): "the render job (pool/job.py) runs transform.render in the render "
+    "process; pool and transform are one layer",
+    ("pool", "sniff"): "the render job checks the source's type and size before it decodes",
     ("pool", "sources"): "the render job reads the source (capped) inside the render process",
     ("pool", "params"): "a Job carries the resolved `Output`",
     ("__main__", "_build"): "written into the .pyz by build/shiv.sh",
-    ("cache", "cachetools"): "LRU and TTL memos (issue 19); DESIGN names no owner for it",
     ("service", "cachetools"): "the header-probe memo",
-    ("sources", "cachetools"): "the origin memo and the realpath memo",
+    ("sources", "cachetools"): "the origin and realpath memos; importing cache here would load "
+    "redis and diskcache into every render process",
+    (
+        "transform",
+        "cachetools",
+    ): "the decoded-source memo of a render process (one layer with cache)",
 }
 
 
