@@ -91,8 +91,6 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     debug = settings.server.log_level == "DEBUG"
     if debug and not obs.access_log and "SANIC_ACCESS_LOG" not in os.environ:
         app.config.ACCESS_LOG = True  # RUST_LOG=DEBUG: one line per request, as the original
-    app.register_middleware(responses.begin, "request")
-    app.register_middleware(responses.finish, "response")
     app.add_route(health, "/health", methods=["GET", "HEAD"])
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
@@ -181,30 +179,44 @@ async def stop_worker(app: Sanic[Any, Any]) -> None:
 
 
 async def health(request: Request) -> HTTPResponse:
-    return HTTPResponse("ok", content_type=responses.TEXT)
+    response = HTTPResponse("ok", content_type=responses.TEXT)
+    responses.finish(request, response, responses.request_id(request), time.perf_counter())
+    return response
 
 
 async def metrics(request: Request) -> HTTPResponse:
+    started = time.perf_counter()
     body = request.app.ctx.service.metrics.render()
-    return HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
+    response = HTTPResponse(body, content_type=METRICS_CONTENT_TYPE)
+    responses.finish(request, response, responses.request_id(request), started)
+    return response
 
 
 async def image(request: Request, path: str) -> HTTPResponse:
+    started = time.perf_counter()
     ctx = request.app.ctx
     service: ImageService = ctx.service
-    request.ctx.reply = None  # an image request: responses.finish adds Server-Timing
-    service.metrics.in_flight.inc()
-    reply: Reply | None = None
     headers = request.headers
+    rid = logs.request_id(headers.get("x-request-id"))
     accept = None
     if ctx.negotiation:
         accept = ",".join(headers.getall("accept", ()))  # RFC 9110: lines join
     parsed = ctx.urls.parse(request.path, request.query_string, headers.get("sec-ch-dpr"), accept)
+    head = request.method == "HEAD"
+    if not head and "if-none-match" not in headers and "if-modified-since" not in headers:
+        quick = service.quick(parsed)
+        if quick is not None:  # from this worker's memory, not one await on the way
+            (body, ctype), known, kind, tier = quick
+            prepared = responses.quick(request, body, known, ctype, rid, started, tier)
+            label = known.negotiated or parsed.label
+            service.observe(label, 200, kind, time.perf_counter() - started, len(body))
+            return prepared
+    service.metrics.in_flight.inc()
     out = Outcome(parsed.label)
+    reply: Reply | None = None
     try:
         cond = Conditional.from_headers(headers)
-        reply = await service.serve(parsed, cond, accept, request.method == "HEAD", out)
-        request.ctx.reply = reply
+        reply = await service.serve(parsed, cond, accept, head, out)
         response = await responses.build(request, reply, service.settings)
         status = reply.status
     except ImgProxyError as exc:
@@ -217,13 +229,20 @@ async def image(request: Request, path: str) -> HTTPResponse:
         status = response.status
     finally:
         service.metrics.in_flight.dec()
-    sent = reply.size if reply is not None and status == 200 and request.method == "GET" else 0
-    seconds = time.perf_counter() - request.ctx.started  # set by responses.begin
-    service.observe(out.label, status, out.kind, seconds, sent)
+    responses.finish(request, response, rid, started, reply, image=True)
+    sent = reply.size if reply is not None and status == 200 and not head else 0
+    service.observe(out.label, status, out.kind, time.perf_counter() - started, sent)
     return response
 
 
 async def on_error(request: Request, exc: Exception) -> HTTPResponse:
+    """Errors raised outside the handlers (Sanic's: bad requests, timeouts, 405...)."""
+    response = _error_response(request, exc)
+    responses.finish(request, response, responses.request_id(request), None)
+    return response
+
+
+def _error_response(request: Request, exc: Exception) -> HTTPResponse:
     if isinstance(exc, ImgProxyError):
         return responses.error(exc)
     if isinstance(exc, SanicException):

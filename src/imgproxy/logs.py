@@ -20,6 +20,7 @@ the factory, which calls `configure` first. stdlib `logging` only.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -42,20 +43,22 @@ _REAL_STREAMS: tuple[TextIO, TextIO] | None = None  # (stdout, stderr) before an
 
 def request_id(incoming: str | None) -> str:
     """The client's X-Request-ID if it is 1-128 characters of printable ASCII (0x20-0x7e,
-    space included; Sanic strips the ends), else a new uuid4 in hex (32 characters)."""
+    space included; Sanic strips the ends), else a new one (32 hex characters)."""
     if incoming and len(incoming) <= REQUEST_ID_MAX and all(" " <= c <= "~" for c in incoming):
         return incoming
     return new_request_id()
 
 
-_V4_KEEP = ~((0xF << 76) | (0x3 << 62))  # the version nibble and the variant bits
-_V4_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
+# this process's prefix (random) and a counter: unique across processes and restarts
+# without a syscall per request
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8)))
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID in hex: what `uuid.uuid4().hex` returns, in a quarter of
-    the time (no UUID object; it runs once per request)."""
-    return "%032x" % (int.from_bytes(os.urandom(16)) & _V4_KEEP | _V4_SET)
+    """A new id, 32 hex characters: this process's random 64-bit prefix and a counter
+    (a third of uuid4's cost; it runs for every request that brings no id)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,15 +1,19 @@
 """Reply -> HTTPResponse: headers, Server-Timing, X-Request-ID, the access line, errors.
 
 build(request, reply)       an image response (bytes, a streamed file, a 304, a HEAD)
+quick(body, known, ...)     a 200 from memory whose header block was encoded once (`Prepared`)
 error(exc)                  the one place an error becomes a response
-begin(request) / finish()   every request: its clock and id; every response: X-Request-ID,
-                            Server-Timing (image responses) and the access line
+finish(request, response)   every response: X-Request-ID, Server-Timing (image responses) and
+                            the access line; called by each handler and the error handler
+                            (no middleware: Sanic runs middleware on every request, and a
+                            cache hit costs less than the middleware machinery)
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 from sanic import HTTPResponse, Request
 from sanic.response import BaseHTTPResponse
@@ -18,7 +22,7 @@ from . import logs
 from .config import Settings
 from .errors import ImgProxyError, Overloaded
 from .httpdates import format_date
-from .service import Reply
+from .service import Known, Reply
 
 log = logging.getLogger("imgproxy")
 
@@ -37,6 +41,64 @@ def headers_of(reply: Reply, settings: Settings) -> dict[str, str]:
     if reply.x_cache and images.cache_status_header:
         headers[images.cache_status_header] = reply.x_cache
     return headers
+
+
+_CLEAN = str.maketrans("", "", "\r\n\x00")  # what Sanic strips from every header value
+
+
+class Prepared(HTTPResponse):
+    """A 200 from memory: its fixed headers (`block`: content type, Vary, ETag,
+    Cache-Control, Last-Modified, X-Cache) encoded once per answer, only the per-request
+    ones (Content-Length, Connection, X-Request-ID, Server-Timing) encoded per request.
+    Sanic encodes and sanitises every header of a plain HTTPResponse on every request."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, body: bytes, block: tuple[tuple[bytes, bytes], ...]) -> None:
+        # BaseHTTPResponse's slots, set directly: HTTPResponse() builds two Header objects
+        self.asgi = False
+        self.body = body
+        self.content_type = None
+        self.stream = None
+        self.status = 200
+        self.headers = {}  # type: ignore[assignment]  # Sanic sets and reads a few names
+        self._cookies = None
+        self.block = block
+
+    @property
+    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
+        yield from self.block
+        for name, value in self.headers.items():  # ours, or Sanic's own: already clean
+            yield name.encode("ascii"), f"{value}".encode(errors="surrogateescape")
+
+
+def block_of(headers: dict[str, str], content_type: str) -> tuple[tuple[bytes, bytes], ...]:
+    """`headers` (and the content type) as Sanic would send them, encoded once."""
+    pairs = [("content-type", content_type), *headers.items()]
+    return tuple(
+        (name.translate(_CLEAN).encode("ascii"), value.translate(_CLEAN).encode())
+        for name, value in pairs
+    )
+
+
+def quick(request: Request, body: bytes, known: Known, content_type: str, rid: str,
+          started: float, tier: str | None) -> Prepared:  # fmt: skip
+    """The response of a 200 served from memory (`ImageService.quick`): a hit of this
+    worker's hot tier or a passthrough of a memoised file."""
+    block = known.block
+    if block is None:
+        block = known.block = block_of(known.headers, content_type)
+    response = Prepared(body, block)
+    response.headers["x-request-id"] = rid
+    app = request.app.ctx
+    if app.timing:
+        total = (time.perf_counter() - started) * 1000
+        cache = f"cache;desc={tier}, " if tier else ""
+        response.headers["server-timing"] = f"{cache}total;dur={total:.2f}"
+    if app.access:
+        seconds = time.perf_counter() - started
+        access_line(request, response, rid, seconds, tier, content_type)
+    return response
 
 
 async def build(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
@@ -78,43 +140,59 @@ def error(exc: ImgProxyError) -> HTTPResponse:
     return HTTPResponse(exc.reason, status=exc.status, headers=headers, content_type=TEXT)
 
 
-def begin(request: Request) -> None:
-    request.ctx.started = time.perf_counter()
-    request.ctx.request_id = logs.request_id(request.headers.get("x-request-id"))
+def request_id(request: Request) -> str:
+    return logs.request_id(request.headers.get("x-request-id"))
 
 
-def finish(request: Request, response: BaseHTTPResponse) -> None:
-    """Every response: X-Request-ID and the access line; image responses: Server-Timing.
-    What is off costs one flag test (`app.ctx.timing`, `.access`: set by create_app)."""
-    ctx, app = request.ctx, request.app.ctx
-    rid = getattr(ctx, "request_id", None) or logs.request_id(request.headers.get("x-request-id"))
+def finish(
+    request: Request,
+    response: BaseHTTPResponse,
+    rid: str,
+    started: float | None,
+    reply: Reply | None = None,
+    cache: str | None = None,
+    content_type: str | None = None,
+    image: bool = False,
+) -> None:
+    """Every response: X-Request-ID and the access line; image responses (`image`):
+    Server-Timing. What is off costs one flag test (`app.ctx.timing`, `.access`)."""
     response.headers["X-Request-ID"] = rid
-    is_image = hasattr(ctx, "reply")
-    if not (app.access or (is_image and app.timing)):
+    app = request.app.ctx
+    timing = image and app.timing and "server-timing" not in response.headers
+    if not (app.access or timing):
         return
-    seconds = time.perf_counter() - getattr(ctx, "started", time.perf_counter())
-    reply: Reply | None = getattr(ctx, "reply", None)
-    cache = None
-    if is_image and app.settings.cache.enabled:
-        cache = (reply.cache_tier if reply is not None else None) or "miss"
-    if is_image and app.timing:
+    now = time.perf_counter()
+    seconds = now - (now if started is None else started)
+    if reply is not None:
+        cache, content_type = reply.cache_tier, reply.content_type
+    if image and cache is None and app.settings.cache.enabled:
+        cache = "miss"
+    if timing:
         steps = reply.steps if reply is not None else None
         response.headers["Server-Timing"] = server_timing(seconds, steps, cache)
     if app.access:
-        fmt = None
-        if reply is not None and reply.content_type:
-            fmt = reply.content_type.rpartition("/")[2]
-        query = request.query_string
-        logs.access(
-            request.method,
-            request.path + ("?" + query if query else ""),
-            response.status,
-            _body_bytes(request, response),
-            seconds * 1000,
-            cache,
-            fmt,
-            rid,
-        )
+        access_line(request, response, rid, seconds, cache if image else None, content_type)
+
+
+def access_line(
+    request: Request,
+    response: BaseHTTPResponse,
+    rid: str,
+    seconds: float,
+    cache: str | None,
+    content_type: str | None,
+) -> None:
+    query = request.query_string
+    logs.access(
+        request.method,
+        request.path + ("?" + query if query else ""),
+        response.status,
+        _body_bytes(request, response),
+        seconds * 1000,
+        cache,
+        content_type.rpartition("/")[2] if content_type else None,
+        rid,
+    )
 
 
 def server_timing(total: float, steps: dict[str, float] | None, cache: str | None) -> str:

@@ -72,6 +72,9 @@ class Known:
     etag: str
     output: params.Output | None = None  # transforms only: the resolved output
     headers: dict[str, str] = field(default_factory=dict)
+    block: tuple[tuple[bytes, bytes], ...] | None = None  # the headers, encoded (responses)
+    source: LocalFile | None = None  # a local source, as located when this was learnt
+    memo_key: str = ""  # passthrough: the file memo's key
 
 
 @dataclass(slots=True)
@@ -100,6 +103,7 @@ class ImageService:
         # the setting is the instance's: each worker keeps its share
         share = settings.cache.passthrough_size // settings.server.workers
         self.files = MemoryTier(share, SMALL_FILE)
+        self._pass_tier = "miss" if settings.cache.enabled else None  # Server-Timing
         # path + identity -> header facts
         self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
         m = metrics  # children bound once: a labels() lookup costs more than the increment
@@ -121,12 +125,30 @@ class ImageService:
         known = parsed.known
         if not isinstance(known, Known) or known.identity != located.identity:
             known = parsed.known = await self._learn(spec, accept, located)
+            if isinstance(located, LocalFile):
+                known.source, known.memo_key = located, f"{located.path}\x00{located.identity}"
         if known.negotiated:
             out.label = known.negotiated
         if known.spec.is_passthrough:
             return await self.passthrough(known, cond, located, head)
         out.kind = "transform"
         return await self.transform(known, cond, located, head)
+
+    def quick(self, parsed: Parsed) -> tuple[Entry, Known, str, str | None] | None:
+        """A 200 answered from this worker's memory without a single await: a hot-tier hit
+        or a memoised passthrough file, when this URL was answered before, its local source
+        is unchanged (one lstat) and nothing conditional was asked. (entry, known, kind,
+        cache tier) or None: the full path."""
+        known = parsed.known
+        if not isinstance(known, Known) or not known.headers or known.source is None:
+            return None
+        if not self.local.unchanged(known.source):
+            return None
+        if known.key is None:
+            entry = self.files.get(known.memo_key)
+            return (entry, known, "passthrough", self._pass_tier) if entry else None
+        entry = self.producer.hot(known.key)
+        return (entry, known, "transform", "memory") if entry else None
 
     async def _learn(self, spec: TransformSpec, accept: str | None, located: Located) -> Known:
         negotiated = None

@@ -22,6 +22,7 @@ class LocalFile:
     size: int
     mtime: float  # seconds since the epoch, for Last-Modified
     identity: str  # changes whenever the bytes change (size + mtime in ns)
+    stamp: tuple[int, int, int, int] = (0, 0, 0, 0)  # (st_dev, st_ino, size, mtime_ns)
 
 
 class LocalSource:
@@ -80,7 +81,23 @@ class LocalSource:
 
     @staticmethod
     def _located(full: str, st: os.stat_result) -> LocalFile:
-        return LocalFile(full, st.st_size, st.st_mtime, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+        identity = f"{st.st_size:x}-{st.st_mtime_ns:x}"
+        return LocalFile(full, st.st_size, st.st_mtime, identity, _stamp(st))
+
+    @staticmethod
+    def unchanged(located: LocalFile) -> bool:
+        """One lstat: is `located` still the regular file it was, the same bytes? (What an
+        answer held in memory needs; a swapped file or directory on the way, a symlink now,
+        a rewrite or a removal all say no, at once.)"""
+        try:
+            st = os.lstat(located.path)
+        except (OSError, ValueError):
+            return False
+        return stat.S_ISREG(st.st_mode) and _stamp(st) == located.stamp
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _open_nofollow(path: str, flags: int = os.O_RDONLY) -> int:
