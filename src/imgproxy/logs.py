@@ -49,16 +49,20 @@ def request_id(incoming: str | None) -> str:
     return new_request_id()
 
 
-# this process's prefix (random) and a counter: unique across processes and restarts
-# without a syscall per request
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8)))
+# a version 4 UUID from this process's random 64-bit prefix and a 62-bit counter: unique
+# across processes and restarts, without a syscall per request
+_ID_PREFIX = int.from_bytes(os.urandom(8)) << 64
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(8)) >> 2)
+_V4_KEEP = ~((0xF << 76) | (0x3 << 62))  # the version nibble and the variant bits
+_V4_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
+_COUNTER_BITS = (1 << 62) - 1
 
 
 def new_request_id() -> str:
-    """A new id, 32 hex characters: this process's random 64-bit prefix and a counter
-    (a third of uuid4's cost; it runs for every request that brings no id)."""
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+    """A new version 4 UUID in hex (32 characters), as `uuid.uuid4().hex` looks, in a third
+    of its time: it runs for every request that brings no id."""
+    n = _ID_PREFIX | next(_ID_COUNTER) & _COUNTER_BITS
+    return "%032x" % (n & _V4_KEEP | _V4_SET)
 
 
 class JsonFormatter(logging.Formatter):

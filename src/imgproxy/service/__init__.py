@@ -4,7 +4,9 @@
     -> conditional? 304 -> produce (tiers -> once -> pool -> tiers) -> Reply
 
 What follows from the URL and the source's identity (the negotiated spec, the key, the ETag,
-the headers of a 200) is learnt once and kept with the parsed URL (`Known`).
+the headers of a 200) is learnt once and kept with the parsed URL (`Known`, in `reply`); a
+URL answered before from this worker's memory takes `quick`, without an await. The original
+bytes are `passthrough`'s.
 
 Image work never runs on the event loop. Leaf modules report facts; this module (and
 `produce`) turn them into metrics.
@@ -14,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cachetools import LRUCache
 
-from . import negotiate, params, sniff
-from .cache import Entry, MemoryTier
-from .config import Settings
-from .errors import (
+from .. import negotiate, params, sniff
+from ..cache import Entry
+from ..config import Settings
+from ..errors import (
     ImgProxyError,
     NotFound,
     UnsupportedMediaType,
@@ -30,51 +32,19 @@ from .errors import (
     UpstreamTimeout,
     status_label,
 )
-from .httpdates import Conditional
-from .metrics import Metrics
-from .params import TransformSpec
-from .params.urls import Parsed
-from .produce import Producer
-from .sources import Fetched, HttpSource, LocalFile, LocalSource, Located, OpenFile, read_file
+from ..httpdates import Conditional
+from ..metrics import Metrics
+from ..params import TransformSpec
+from ..params.urls import Parsed
+from ..produce import Producer
+from ..sources import Fetched, HttpSource, LocalFile, LocalSource, Located, read_file
+from .passthrough import Passthrough
+from .reply import Known, Reply
 
-SMALL_FILE = 1024 * 1024  # the biggest file kept in the per-worker passthrough memo
-INLINE_READ = 4096  # SPEC: a file read over a few KiB never runs on the event loop
-STREAM_FILE = 32 * 1024 * 1024  # bigger passthrough files are streamed, not held in memory
+__all__ = ["ImageService", "Known", "Outcome", "Reply"]
+
 PROBES_MAX = 10_000  # header probes remembered per worker (least recently used go first)
 _OUTCOMES = {NotFound: "not_found", UpstreamTimeout: "timeout"}  # fallback fetches, else error
-
-
-@dataclass(slots=True)
-class Reply:
-    status: int  # 200 or 304
-    content_type: str
-    etag: str
-    last_modified: float | None
-    body: bytes | None = None
-    stream: OpenFile | None = None  # large passthrough file, opened, streamed by the app
-    size: int = 0
-    x_cache: str | None = None  # "HIT" | "MISS" when the cache is enabled
-    cache_tier: str | None = None  # memory | disk | redis | miss, when the cache is enabled
-    steps: dict[str, float] | None = None  # seconds per step when a render ran for it
-    headers: dict[str, str] | None = None  # the answer's headers, once built (`Known`)
-
-
-@dataclass(slots=True)
-class Known:
-    """What answering a URL taught, valid while its source keeps this identity: the spec
-    after negotiation, the key, the ETag, and the headers of a 200 (built once by
-    `responses`; a MISS, a 304 and a HEAD build their own)."""
-
-    identity: str
-    spec: TransformSpec
-    negotiated: str | None
-    key: str | None  # transforms only
-    etag: str
-    output: params.Output | None = None  # transforms only: the resolved output
-    headers: dict[str, str] = field(default_factory=dict)
-    block: tuple[tuple[bytes, bytes], ...] | None = None  # the headers, encoded (responses)
-    source: LocalFile | None = None  # a local source, as located when this was learnt
-    memo_key: str = ""  # passthrough: the file memo's key
 
 
 @dataclass(slots=True)
@@ -99,10 +69,7 @@ class ImageService:
         self.http = http
         self.local = LocalSource(settings.images.root_path)
         self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io")
-        # passthrough bytes of small local files, validated by (size, mtime) on every request;
-        # the setting is the instance's: each worker keeps its share
-        share = settings.cache.passthrough_size // settings.server.workers
-        self.files = MemoryTier(share, SMALL_FILE)
+        self.passthrough = Passthrough(settings, self.io_executor, self._not_an_image)
         self._pass_tier = "miss" if settings.cache.enabled else None  # Server-Timing
         # path + identity -> header facts
         self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
@@ -130,7 +97,7 @@ class ImageService:
         if known.negotiated:
             out.label = known.negotiated
         if known.spec.is_passthrough:
-            return await self.passthrough(known, cond, located, head)
+            return await self.passthrough.reply(known, cond, located, head)
         out.kind = "transform"
         return await self.transform(known, cond, located, head)
 
@@ -145,7 +112,7 @@ class ImageService:
         if not self.local.unchanged(known.source):
             return None
         if known.key is None:
-            entry = self.files.get(known.memo_key)
+            entry = self.passthrough.files.get(known.memo_key)
             return (entry, known, "passthrough", self._pass_tier) if entry else None
         entry = self.producer.hot(known.key)
         return (entry, known, "transform", "memory") if entry else None
@@ -222,66 +189,6 @@ class ImageService:
         )
         probe = self._probes[key] = sniff.probe(head)
         return probe
-
-    # -- passthrough ---------------------------------------------------------------------
-
-    async def passthrough(
-        self, known: Known, cond: Conditional, located: Located, head: bool = False
-    ) -> Reply:
-        """The original bytes, sniffed before the conditional headers are read (a 304 only
-        where a 200 would be). A HEAD or a 304 reads only the first bytes (length: stat)."""
-        etag = known.etag
-        reply = Reply(200, "", etag, located.mtime)
-        not_modified = bool(cond) and cond.not_modified(etag, located.mtime)
-        if isinstance(located, Fetched):
-            reply.content_type = self._sniffed(located, located.data)
-            reply.body = located.data
-        elif head or not_modified:
-            entry = self.files.get(f"{located.path}\x00{located.identity}")
-            sniffed = entry[1] if entry else self._sniffed(located, self._head(located))
-            reply.content_type, reply.size = sniffed, located.size
-        elif located.size > STREAM_FILE:
-            stream = OpenFile(located.path)  # open first: the length is the open file's
-            try:
-                reply.content_type = self._sniffed(located, stream.head)
-            except ImgProxyError:
-                stream.close()
-                raise
-            reply.stream, reply.size = stream, stream.size
-        else:
-            reply.body, reply.content_type = await self._read_small(located)
-        if reply.body is not None:
-            reply.size = len(reply.body)
-            reply.headers = None if head else known.headers
-        if not_modified:
-            reply.status, reply.body, reply.headers = 304, None, None  # the client has them
-        return reply
-
-    @staticmethod
-    def _head(located: LocalFile) -> bytes:
-        return read_file(located.path, sniff.SNIFF_BYTES)
-
-    def _sniffed(self, located: Located, head: bytes) -> str:
-        kind = sniff.sniff(head[: sniff.SNIFF_BYTES])
-        if kind is None:
-            raise self._not_an_image(located)
-        return sniff.CONTENT_TYPES[kind]
-
-    async def _read_small(self, located: LocalFile) -> Entry:
-        """A local file's bytes and sniffed type, from the per-worker file memo when its
-        (size, mtime) identity still matches: a stat per request, no read, no sniff."""
-        key = f"{located.path}\x00{located.identity}"
-        entry = self.files.get(key)
-        if entry is not None:
-            return entry
-        if located.size > INLINE_READ:  # a slow disk must not stall every request
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.io_executor, read_file, located.path)
-        else:
-            body = read_file(located.path)
-        entry = (body, self._sniffed(located, body))
-        self.files.put(key, entry)
-        return entry
 
     # -- transform -----------------------------------------------------------------------
 
