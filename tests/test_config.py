@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imgproxy.__main__ import help_text, main
-from imgproxy.config import VARS, ConfigError, Settings
+from imgproxy.config import VARS, ConfigError, Settings, format_named
 
 
 def env(root: Path, **kw: str) -> dict[str, str]:
@@ -151,3 +151,24 @@ def test_readme_documents_every_variable() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for var in VARS:
         assert f"| `{var.env}` | `{var.shown_default}` |" in readme, var.env
+
+
+@pytest.mark.parametrize(
+    ("name", "served", "expected"),
+    [
+        ("jpg", False, "jpeg"),
+        ("JPG", True, "jpeg"),  # any case
+        ("Jpeg", False, "jpeg"),
+        ("webp", True, "webp"),
+        ("jxl", False, "jxl"),  # an output format ...
+        ("jxl", True, None),  # ... but no file is served as JPEG XL
+        ("gif", False, None),  # read (sniffed), never named
+        ("", True, None),
+        ("jpg ", False, None),
+    ],
+    ids=lambda v: repr(v),
+)
+def test_format_named(name: str, served: bool, expected: str | None) -> None:
+    """One table and one function name formats for `format=`, the allowed-formats setting
+    and file extensions."""
+    assert format_named(name, served=served) == expected

@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from conftest import Server, app_server, make_settings
 from imgproxy import params, sniff, transform
 from imgproxy.config import (
-    FORMAT_ALIASES,
     ConfigError,
     Settings,
     _strip_path,
     default_encode_options,
+    format_named,
 )
 from imgproxy.errors import ImgProxyError, RenderFailed, UnprocessableImage
 from imgproxy.httpdates import parse_date
@@ -91,7 +91,7 @@ def _assert_safe(path: str) -> None:
     assert not any(ch < " " or ch == "\x7f" for ch in path)
     path.encode("utf-8")  # strict: no lone surrogates (they cannot be opened or hashed)
     name = segments[-1]
-    assert name.rpartition(".")[2].lower() in FORMAT_ALIASES
+    assert format_named(name.rpartition(".")[2], served=True) is not None
 
 
 @PARSER

@@ -41,7 +41,6 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("responses", "service"): "the Reply it turns into an HTTP response is service's type",
     ("responses", "sanic"): "DESIGN's layout has responses build Sanic's HTTPResponse",
     ("produce", "params"): "the output salt and `Output`, the resolved spec a Job carries",
-    ("produce", "sniff"): "a rendered format's content type",
     ("produce", "sources"): "a located source becomes a Job; the conditional request's head read",
     ("pool", "transform"): "the render job (pool/job.py) runs transform.render in the render "
     "process; pool and transform are one layer",

@@ -20,11 +20,27 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-# file extensions (and source types) served: `jpg` and `jpeg` are one format
-FORMAT_ALIASES = {"avif": "avif", "jpeg": "jpeg", "jpg": "jpeg", "png": "png", "webp": "webp"}
-# output formats (`format=`, negotiation): the sources' and JPEG XL, which is only written
+# Every name a format goes by (`format=`, IMAGE_PROXY_ALLOWED_OUTPUT_FORMATS, file
+# extensions), read through `format_named`: `jpg` and `jpeg` are one format.
+FORMAT_NAMES = {
+    "avif": "avif",
+    "jpeg": "jpeg",
+    "jpg": "jpeg",
+    "jxl": "jxl",
+    "png": "png",
+    "webp": "webp",
+}
+WRITE_ONLY = frozenset(("jxl",))  # JPEG XL is only written: no file is served by its extension
+# output formats (`format=`, negotiation): the sources' and JPEG XL
 FORMATS = ("avif", "jpeg", "jxl", "png", "webp")
-OUTPUT_ALIASES = {**FORMAT_ALIASES, "jxl": "jxl"}
+CONTENT_TYPES = {
+    "avif": "image/avif",
+    "gif": "image/gif",  # a source only: never written
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "jxl": "image/jxl",  # an output only: JPEG XL sources are not decoded (no jxlload)
+}
 ALGORITHMS = ("lanczos3", "bicubic", "thumbnail", "auto")
 LOG_LEVELS = {
     "TRACE": "DEBUG",
@@ -171,6 +187,13 @@ def _or_cpus(parse: Callable[[str], int], extra: int = 0) -> Callable[[str], int
     return wrapped
 
 
+def format_named(name: str, *, served: bool = False) -> str | None:
+    """The format `name` stands for, in any case (`JPG` -> `jpeg`), else None. `served`: a
+    file extension, so only the formats files are served as (not the write-only ones)."""
+    fmt = FORMAT_NAMES.get(name.lower())
+    return None if fmt is None or (served and fmt in WRITE_ONLY) else fmt
+
+
 def _csv(raw: str) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
@@ -179,7 +202,7 @@ def _formats(raw: str) -> tuple[str, ...]:
     """Comma list of formats (`jpg` = `jpeg`), order kept, duplicates dropped."""
     out: list[str] = []
     for item in _csv(raw):
-        fmt = OUTPUT_ALIASES.get(item.lower())
+        fmt = format_named(item)
         if fmt is None:
             raise ValueError(f"{item!r} is not a format (allowed avif, jpeg, jpg, jxl, png, webp)")
         if fmt not in out:

@@ -16,9 +16,9 @@ from collections.abc import Awaitable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from . import flight, params, sniff, transform
+from . import flight, params, transform
 from .cache import CacheChain, Entry
-from .config import Settings
+from .config import CONTENT_TYPES, Settings
 from .errors import ImgProxyError, Overloaded, RenderFailed, UpstreamError
 from .metrics import Metrics
 from .params import Output
@@ -168,7 +168,7 @@ class Producer:
                 " ".join(f"{k}={v * 1000:.1f}ms" for k, v in rendered.steps.items()),
             )
         self.metrics.transforms.labels(rendered.format).inc()
-        return (rendered.data, sniff.CONTENT_TYPES[rendered.format]), rendered.steps
+        return (rendered.data, CONTENT_TYPES[rendered.format]), rendered.steps
 
     async def close(self) -> None:
         """Wait for background cache writes, then close the tiers and the pool."""

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qsl, unquote
 
-from ..config import ALGORITHMS, FORMAT_ALIASES, OUTPUT_ALIASES, Settings
+from ..config import ALGORITHMS, Settings, format_named
 from ..errors import BadRequest, NotFound, UnsupportedMediaType
 from ..transform import geometry
 from .spec import (
@@ -112,7 +112,7 @@ def parse_path(raw_path: str, strip_path: str = "") -> str:
             raise NotFound()
     name = segments[-1]
     ext = name.rpartition(".")[2].lower() if "." in name else ""
-    if ext not in FORMAT_ALIASES:
+    if format_named(ext, served=True) is None:
         raise UnsupportedMediaType("unsupported file extension")
     return "/".join(segments)
 
@@ -216,7 +216,7 @@ def parse(
 
     fmt = _one(args, "format")
     if fmt is not None:
-        fmt = OUTPUT_ALIASES.get(fmt.lower())
+        fmt = format_named(fmt)
         if fmt is None:
             raise BadRequest("invalid format (allowed avif, jpeg, jpg, jxl, png, webp)")
         if fmt not in settings.images.allowed_output_formats:

@@ -11,17 +11,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..config import FORMAT_ALIASES
+from ..config import CONTENT_TYPES as CONTENT_TYPES  # format -> media type (one table)
+from ..config import format_named
 from .headers import ALPHA, DIMENSIONS, ORIENTATION
 
-CONTENT_TYPES = {
-    "avif": "image/avif",
-    "gif": "image/gif",
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "jxl": "image/jxl",  # an output only: JPEG XL sources are not decoded (no jxlload)
-}
 SNIFF_BYTES = 64  # enough for every signature below
 # what `probe` wants: PNG chunks before IDAT, the AVIF `meta` box, a JPEG's EXIF and SOF
 # (after EXIF thumbnails and ICC profiles: usually well under 64 KiB)
@@ -68,7 +61,7 @@ def source_format(kind: str, path: str) -> str:
     if kind in CONTENT_TYPES and kind != "gif":
         return kind
     name = path.rpartition("/")[2]
-    return FORMAT_ALIASES.get(name.rpartition(".")[2].lower(), "png")
+    return format_named(name.rpartition(".")[2], served=True) or "png"
 
 
 @dataclass(frozen=True, slots=True)
