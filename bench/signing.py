@@ -71,9 +71,9 @@ def verify_cost() -> dict[str, float]:
     n = 20000
     for name, keys, q in (("1 key", KEYS[:1], query), ("2 keys", KEYS, second)):
         for memo, fn in (("computed", signing.refusal),):
-            assert fn(keys, path, q, "") is None
+            assert fn(keys, path, q) is None
             times = timeit.repeat(
-                lambda: fn(keys, path, q, ""),  # noqa: B023
+                lambda: fn(keys, path, q),  # noqa: B023
                 number=n,
                 repeat=7,
                 timer=time.process_time,  # CPU time: the machine is shared

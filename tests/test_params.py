@@ -9,6 +9,7 @@ import pytest
 from imgproxy.config import Settings
 from imgproxy.errors import BadRequest, NotFound, UnsupportedMediaType
 from imgproxy.params import parse, parse_path
+from imgproxy.signing import strip_prefix
 
 
 @pytest.fixture
@@ -188,7 +189,13 @@ def test_paths_that_are_fine() -> None:
     assert parse_path("/A.JPEG") == "A.JPEG"
     assert parse_path("/my%20photo.webp") == "my photo.webp"
     assert parse_path("/caf%C3%A9.png") == "café.png"
-    assert parse_path("/static/image/a.avif", "static/image") == "a.avif"
-    assert parse_path("/a.avif", "static/image") == "a.avif"
-    with pytest.raises(NotFound):
-        parse_path("/static/image/../../x.jpg", "static/image")
+
+
+def test_strip_prefix_then_path() -> None:
+    """What `params.urls` does once per URL: strip the prefix, then parse what is left."""
+    assert parse_path(strip_prefix("/static/image/a.avif", "static/image")) == "a.avif"
+    assert parse_path(strip_prefix("/st%61tic/image/a.avif", "static/image")) == "a.avif"
+    assert parse_path(strip_prefix("/a.avif", "static/image")) == "a.avif"
+    for raw in ("/static/image/../../x.jpg", "/static/image", "/static/image/"):
+        with pytest.raises(NotFound):
+            parse_path(strip_prefix(raw, "static/image"))

@@ -28,7 +28,7 @@ KEYS = f"{K1},{K2}"
 
 def verify(keys: list[str], raw_path: str, raw_query: str, strip_path: str = "") -> bool:
     """True when the request (raw path as sent, raw query string) is validly signed."""
-    return signing.refusal(keys, raw_path, raw_query, strip_path) is None
+    return signing.refusal(keys, signing.strip_prefix(raw_path, strip_path), raw_query) is None
 
 
 def reference_sig(key: str, message: str) -> str:
@@ -130,6 +130,9 @@ def test_sign_url() -> None:
         ("/a.jpg", "static/image", "/a.jpg"),  # no prefix: nothing removed
         ("/static/imagex/a.jpg", "static/image", "/static/imagex/a.jpg"),
         ("/static/image/a.jpg", "", "/static/image/a.jpg"),
+        ("/static/image", "static/image", "/"),  # nothing under the prefix: the parser's 404
+        ("/static/image/", "static/image", "/"),
+        ("static/image/a.jpg", "static/image", "/a.jpg"),
     ],
 )
 def test_strip_prefix(raw: str, strip: str, expected: str) -> None:

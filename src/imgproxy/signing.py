@@ -22,8 +22,9 @@ Choices the contract leaves open, decided here:
 * A repeated transform parameter is signed in every occurrence, the pairs sorted by name and
   then by raw value, so the signed string does not depend on the order of the query at all
   (the server then refuses the repetition itself with 400).
-* The strip prefix is compared segment by segment after decoding each segment, as the path
-  parser does, and removed from the raw path. A URL signed without the prefix is therefore
+* The strip prefix is compared segment by segment after decoding each segment and removed
+  from the raw path, once per URL (`strip_prefix`, by `params.urls`): the signature and the
+  path parser see the same stripped path. A URL signed without the prefix is therefore
   valid with it too: `/photos/a.jpg?size=400&sig=…` and `/static/image/photos/a.jpg?size=400&sig=…`
   carry the same `sig` when IMAGE_PROXY_STRIP_PATH is `static/image/`.
 * `sig` = URL-safe base64 of the 32-byte digest without padding: exactly 43 characters of
@@ -82,13 +83,14 @@ def _scan(raw_query: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 def strip_prefix(raw_path: str, strip_path: str) -> str:
     """`raw_path` without the IMAGE_PROXY_STRIP_PATH prefix (normalised: `static/image`),
-    when it starts with it; segments are compared decoded, as `params.parse_path` does."""
+    when it starts with it (`/` when nothing follows it); segments are compared decoded.
+    What both the signature and the path parser (`params.parse_path`) are given."""
     if not strip_path:
         return raw_path
     prefix = strip_path.split("/")
     segments = raw_path[1:].split("/") if raw_path.startswith("/") else raw_path.split("/")
     head = segments[: len(prefix)]
-    if len(segments) > len(prefix) and [unquote(s, errors="replace") for s in head] == prefix:
+    if len(segments) >= len(prefix) and [unquote(s, errors="replace") for s in head] == prefix:
         return "/" + "/".join(segments[len(prefix) :])
     return raw_path
 
@@ -122,9 +124,9 @@ def _sig(key: str, message: bytes) -> bytes:
     return base64.urlsafe_b64encode(digest)[:SIG_LENGTH]  # drop the one "="
 
 
-def refusal(keys: Iterable[str], raw_path: str, raw_query: str, strip_path: str = "") -> str | None:
+def refusal(keys: Iterable[str], raw_path: str, raw_query: str) -> str | None:
     """None when the request carries a valid `sig` for one of `keys`, else the one-line
-    reason for the 403. Every key is tried (key rotation); comparisons are constant-time.
+    reason for the 403. `raw_path` as sent, the prefix already stripped (`strip_prefix`). Every key is tried (key rotation); comparisons are constant-time.
     (The verdict of a URL is memoised with its spec: `urls.Urls`.)"""
     signed, sigs = _scan(raw_query)
     if not sigs:
@@ -134,7 +136,7 @@ def refusal(keys: Iterable[str], raw_path: str, raw_query: str, strip_path: str 
     if not _SIG_RE.fullmatch(sigs[0]):
         return "signature malformed"
     given = sigs[0].encode("ascii")
-    message = _encode(_message(strip_prefix(raw_path, strip_path), signed))
+    message = _encode(_message(raw_path, signed))
     ok = False
     for key in keys:  # no early exit: every key costs the same
         ok |= hmac.compare_digest(_sig(key, message), given)

@@ -85,8 +85,9 @@ _PERCENT_HEX = re.compile(r"%[0-9a-fA-F]{2}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\\ud800-\udfff]")  # + lone surrogates
 
 
-def parse_path(raw_path: str, strip_path: str = "") -> str:
-    """The sanitised relative path of a raw (still percent-encoded) request path."""
+def parse_path(raw_path: str) -> str:
+    """The sanitised relative path of a raw (still percent-encoded) request path, its
+    IMAGE_PROXY_STRIP_PATH prefix already removed (`signing.strip_prefix`, in `urls`)."""
     raw = raw_path[1:] if raw_path.startswith("/") else raw_path
     if not raw or len(raw) > MAX_PATH_CHARS * 3 or _ENCODED_SEPARATOR.search(raw):
         raise NotFound()
@@ -104,12 +105,6 @@ def parse_path(raw_path: str, strip_path: str = "") -> str:
             or len(seg.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES
         ):
             raise NotFound()  # "", ".", "..", dotfiles, absolute paths ("/etc" -> "", "etc")
-    if strip_path:
-        prefix = strip_path.split("/")
-        if segments[: len(prefix)] == prefix:
-            segments = segments[len(prefix) :]
-        if not segments:
-            raise NotFound()
     name = segments[-1]
     ext = name.rpartition(".")[2].lower() if "." in name else ""
     if format_named(ext, served=True) is None:
@@ -208,8 +203,9 @@ def _integer(
 def parse(
     raw_path: str, query_string: str, headers: Mapping[str, str], settings: Settings
 ) -> TransformSpec:
-    """Build the spec for one request; raises BadRequest, NotFound or UnsupportedMediaType."""
-    path = parse_path(raw_path, settings.images.strip_path)
+    """Build the spec for one request (`raw_path` as sent, the strip prefix removed: see
+    `parse_path`); raises BadRequest, NotFound or UnsupportedMediaType."""
+    path = parse_path(raw_path)
     args = parse_query(query_string)
     if not args:
         return TransformSpec(path=path, transform=False)

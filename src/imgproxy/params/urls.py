@@ -59,17 +59,17 @@ class Urls:
 
     def _parse(self, path: str, query: str, dpr: str | None) -> Parsed:
         s = self.settings
+        # the prefix is stripped once, here: the signature and the parser see one path
+        stripped = signing.strip_prefix(path, s.images.strip_path)
         asked = next((v for k, v in parse_qsl(query, errors="replace") if k == "format"), None)
         label = format_label(path, asked)
         try:
             if s.security.signature_keys:
                 # first, on the raw path and query: an unsigned request learns nothing
-                reason = signing.refusal(
-                    s.security.signature_keys, path, query, s.images.strip_path
-                )
+                reason = signing.refusal(s.security.signature_keys, stripped, query)
                 if reason is not None:
                     raise Forbidden(reason)
-            spec = params.parse(path, query, {"sec-ch-dpr": dpr} if dpr else {}, s)
+            spec = params.parse(stripped, query, {"sec-ch-dpr": dpr} if dpr else {}, s)
         except ImgProxyError as exc:
             return Parsed(None, exc, label)
         return Parsed(spec, None, label)
