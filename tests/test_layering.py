@@ -51,10 +51,7 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("service", "cachetools"): "the header-probe memo",
     ("sources", "cachetools"): "the origin and realpath memos; importing cache here would load "
     "redis and diskcache into every render process",
-    (
-        "transform",
-        "cachetools",
-    ): "the decoded-source memo of a render process (one layer with cache)",
+    ("transform", "cachetools"): "the render processes' decoded memo; cache is one layer with it",
 }
 
 
