@@ -48,7 +48,6 @@ DEVIATIONS: dict[tuple[str, str], str] = {
     ("pool", "sources"): "the render job reads the source (capped) inside the render process",
     ("pool", "params"): "a Job carries the resolved `Output`",
     ("__main__", "_build"): "written into the .pyz by build/shiv.sh",
-    ("service", "cachetools"): "the header-probe memo",
     ("sources", "cachetools"): "the origin and realpath memos; importing cache here would load "
     "redis and diskcache into every render process",
     ("transform", "cachetools"): "the render processes' decoded memo; cache is one layer with it",

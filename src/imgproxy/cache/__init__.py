@@ -20,13 +20,14 @@ from . import instance
 from .breaker import shared_breaker_state
 from .chain import CacheChain, Lookup
 from .fleet import FleetTier
-from .memory import Entry, MemoryTier
+from .memory import Entry, LRUCache, MemoryTier
 from .store import Leases, Store
 
 __all__ = [
     "CacheChain",
     "Entry",
     "FleetTier",
+    "LRUCache",
     "Lookup",
     "MemoryTier",
     "Store",

@@ -1,11 +1,12 @@
 """MemoryTier: a per-process LRU bounded by bytes (the hot tier, the passthrough file memo).
+The LRU is cachetools', whose owner this package is (`cache.LRUCache` for other memos).
 
 Lives on the event loop: no locks. Items over `max_item` (and empty ones) are not kept.
 """
 
 from __future__ import annotations
 
-from cachetools import LRUCache
+from cachetools import LRUCache as LRUCache  # the LRU, for every memo of the package's users
 
 Entry = tuple[bytes, str]  # (body, content type)
 

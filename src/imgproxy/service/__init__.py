@@ -19,10 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import LRUCache
-
 from .. import negotiate, params, sniff
-from ..cache import Entry
+from ..cache import Entry, LRUCache
 from ..config import Settings
 from ..errors import (
     ImgProxyError,
