@@ -33,7 +33,6 @@ executor threads: pyvips releases the GIL inside libvips.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import time
 
 import pyvips
@@ -44,6 +43,7 @@ from . import geometry
 from .geometry import Box
 from .memo import CONTENT, DecodedMemo, memo_key
 from .ops import encode_jxl, fast_encode, is_srgb_profile, jpeg_shrink, resize_exact
+from .vips import VERSION, codec_versions, configure
 from .work import Plan, Rendered, Step, Work
 
 __all__ = [
@@ -61,54 +61,15 @@ __all__ = [
 ]
 
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
-# our four, and GIF sources (first frame; the libvips type is Nsgif, not Gif)
-_LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "Heif", "Nsgif"))
 _AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
 # What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
-# every codec library's version, computed (libvips, and pyvips-binary, which builds its
-# codecs in; Pillow, its libjpeg-turbo and libwebp; simplejpeg; the JPEG XL encoder), and
-# PIPELINE, bumped whenever a change of ours here changes output bytes.
+# every codec library's version (vips.codec_versions), and PIPELINE, bumped whenever a
+# change of ours here changes output bytes.
 PIPELINE = 2
-
-
-def codec_versions() -> dict[str, str]:
-    """Every library that decodes or encodes, with the version in use."""
-    libvips = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
-    return {
-        "libvips": libvips,
-        "pyvips-binary": _dist_version("pyvips-binary"),
-        **fastcodecs.VERSIONS,
-    }
-
-
-def _dist_version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:  # a libvips of the system's
-        return "none"
-
-
-VERSION = "; ".join(f"{k} {v}" for k, v in codec_versions().items())
 
 # this process's decoded-source memo (memo.py); off until configure_memo
 decoded_memo = DecodedMemo(0)
-
-
-def configure(concurrency: int) -> None:
-    """Set libvips up once per worker process."""
-    # A proxy rarely sees the same buffer twice; libvips' operation cache would only hold
-    # memory, and it serves stale pixels when a file is rewritten under the same name.
-    pyvips.cache_set_max(0)
-    # Parallelism comes from the executor threads (one image each); libvips' own pipeline
-    # threads on top would oversubscribe the cores.
-    pyvips.concurrency_set(concurrency)
-    # Only the formats we read may ever reach a decoder (our four, and GIF's first frame):
-    # no SVG, TIFF, PDF, matrix/CSV/raw loaders, whatever a file claims to be.
-    pyvips.block_untrusted_set(True)
-    pyvips.operation_block_set("VipsForeignLoad", True)
-    for name in _LOADERS:
-        pyvips.operation_block_set(name, False)
 
 
 def configure_memo(capacity: int) -> None:
