@@ -162,3 +162,13 @@ def test_no_import_cycles() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_no_module_over_330_lines() -> None:
+    """Issue 19: a module reads in one sitting; the settings table is the exception."""
+    long = {
+        str(path.relative_to(SRC)): n
+        for path in SRC.rglob("*.py")
+        if path.name != "config.py" and (n := len(path.read_text().splitlines())) > 330
+    }
+    assert not long, long
