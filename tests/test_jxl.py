@@ -204,6 +204,8 @@ def test_codec_versions_name_libvips_and_pillows_codecs() -> None:
     assert versions["libvips"] == ".".join(str(pyvips.version(i)) for i in range(3))
     assert versions["pillow-libjpeg-turbo"] == features.version("libjpeg_turbo")
     assert versions["pillow-libwebp"] == features.version("webp")
+    # our own steps' version, bumped by hand when they change the bytes: in the key too
+    assert versions["imgproxy-pipeline"] == str(transform.vips.PIPELINE)
 
 
 def test_a_codec_upgrade_changes_every_key(tmp_path: Path) -> None:

@@ -146,6 +146,14 @@ def test_killed_worker_is_replaced(images: Path, tmp_path: Path) -> None:
         survivors = {p for n, p in before.items() if n != victim_name}
         assert set(workers(proc.pid).values()) == survivors | {replacement}
 
+        # the watchdog counts the restart when it next looks (every `interval`), which may
+        # be after the replacement's first answer on a loaded machine
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            samples = raw_request(server.port, "/metrics").text
+            if metric_total(samples, "image_worker_restarts_total") >= 1:
+                break
+            time.sleep(0.1)
         for _ in range(4):  # whichever worker answers the scrape
             samples = raw_request(server.port, "/metrics").text
             assert metric_total(samples, "image_requests_in_flight") == 0  # not stuck at 1+

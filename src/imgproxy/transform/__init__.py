@@ -63,11 +63,6 @@ __all__ = [
 _KEEP_NONE = pyvips.enums.ForeignKeep.NONE
 _AVIF = {"compression": "av1", "encoder": "aom", "bitdepth": 8}
 _KERNELS = {"lanczos3": "lanczos3", "thumbnail": "lanczos3", "bicubic": "cubic"}
-# What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
-# every codec library's version (vips.codec_versions), and PIPELINE, bumped whenever a
-# change of ours here changes output bytes.
-PIPELINE = 2
-
 # this process's decoded-source memo (memo.py); off until configure_memo
 decoded_memo = DecodedMemo(0)
 

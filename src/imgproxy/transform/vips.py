@@ -9,6 +9,11 @@ import pyvips
 
 from .. import fastcodecs
 
+# What produced the bytes, for the cache key (the disk and Redis tiers outlive upgrades):
+# every codec library's version, computed, and PIPELINE, bumped by hand whenever a change of
+# ours in transform/ changes output bytes. Both go into `codec_versions`.
+PIPELINE = 2
+
 # our four, and GIF sources (first frame; the libvips type is Nsgif, not Gif)
 _LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "Heif", "Nsgif"))
 
@@ -16,12 +21,13 @@ _LOADERS = tuple(f"VipsForeignLoad{name}" for name in ("Jpeg", "Png", "Webp", "H
 def codec_versions() -> dict[str, str]:
     """Every library that decodes or encodes, with the version in use: computed (libvips,
     and pyvips-binary, which builds its codecs in; Pillow, its libjpeg-turbo and libwebp;
-    simplejpeg; the JPEG XL encoder), never hand-bumped."""
+    simplejpeg; the JPEG XL encoder), never hand-bumped; and our own PIPELINE."""
     libvips = f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
     return {
         "libvips": libvips,
         "pyvips-binary": _dist_version("pyvips-binary"),
         **fastcodecs.VERSIONS,
+        "imgproxy-pipeline": str(PIPELINE),
     }
 
 
