@@ -77,6 +77,10 @@ def test_large_passthrough_is_streamed_whole(serve: Callable[..., Server], big_f
     assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
     assert int(r.headers["content-length"]) == big_file.stat().st_size == len(r.body)
     assert r.body == big_file.read_bytes()
+    # its headers leave before the body: the id and the timing are in them all the same
+    assert len(r.headers["x-request-id"]) == 32 and "total;dur=" in r.headers["server-timing"]
+    mine = s.get("/big.jpg", headers={"X-Request-ID": "trace-big"})
+    assert mine.headers["x-request-id"] == "trace-big"
     head = s.request("HEAD", "/big.jpg")
     assert head.status == 200 and int(head.headers["content-length"]) == len(r.body)
     assert s.get("/big.jpg", headers={"If-None-Match": r.headers["etag"]}).status == 304

@@ -217,7 +217,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
     try:
         cond = Conditional.from_headers(headers)
         reply = await service.serve(parsed, cond, accept, head, out)
-        response = await responses.build(request, reply, service.settings)
+        response = await responses.build(request, reply, service.settings, rid, started)
         status = reply.status
     except ImgProxyError as exc:
         response = responses.error(exc)

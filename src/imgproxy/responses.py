@@ -101,7 +101,9 @@ def quick(request: Request, body: bytes, known: Known, content_type: str, rid: s
     return response
 
 
-async def build(request: Request, reply: Reply, settings: Settings) -> HTTPResponse:
+async def build(
+    request: Request, reply: Reply, settings: Settings, rid: str, started: float
+) -> HTTPResponse:
     """The response for `reply`. A 200 whose headers the service keeps (`reply.headers`, a
     HIT or a passthrough of the same source identity) builds them once and reuses them."""
     headers = reply.headers
@@ -119,6 +121,11 @@ async def build(request: Request, reply: Reply, settings: Settings) -> HTTPRespo
     stream = reply.stream
     try:
         headers["Content-Length"] = str(stream.size)
+        # these headers leave now, before the body: `finish` would come too late for them
+        headers["X-Request-ID"] = rid
+        if request.app.ctx.timing:
+            cache = reply.cache_tier or ("miss" if settings.cache.enabled else None)
+            headers["Server-Timing"] = server_timing(time.perf_counter() - started, None, cache)
         response = await request.respond(headers=headers, content_type=reply.content_type)
         if request.method != "HEAD":
             try:
