@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from imgproxy.config import VARS  # noqa: E402
+from imgproxy.config import Var, vars_by_group  # noqa: E402
 
 TEMPLATE = ROOT / ".env.template"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -53,21 +53,22 @@ def quote(value: str) -> str:
 def render() -> str:
     in_image = image_env()
     out = [HEADER]
-    group = None
-    for var in VARS:
-        if var.group != group:
-            group = var.group
-            out.append(f"\n# --- {group} ---\n")
-        note = var.help
-        if var.env in in_image and in_image[var.env] != var.default:
-            note += f" [image: {in_image[var.env]}; built-in default: {var.default or 'unset'}]"
-        elif var.shown:
-            note += f" [default: {var.shown}]"
-        elif not var.default:
-            note += " [default: unset]"
-        out.append(f"# {note}\n")
-        out.append(f"# {var.env}={quote(in_image.get(var.env, var.default))}\n")
+    for group, group_vars in vars_by_group():
+        out.append(f"\n# --- {group} ---\n")
+        for var in group_vars:
+            out += _entry(var, in_image)
     return "".join(out)
+
+
+def _entry(var: Var, in_image: dict[str, str]) -> list[str]:
+    note = var.help
+    if var.env in in_image and in_image[var.env] != var.default:
+        note += f" [image: {in_image[var.env]}; built-in default: {var.default or 'unset'}]"
+    elif var.shown:
+        note += f" [default: {var.shown}]"
+    elif not var.default:
+        note += " [default: unset]"
+    return [f"# {note}\n", f"# {var.env}={quote(in_image.get(var.env, var.default))}\n"]
 
 
 def main() -> int:

@@ -110,7 +110,7 @@ def test_renders_of_one_file_share_one_decode(
     for q in QUERIES:
         assert run(settings, q, source).data == expected[q], q
     assert decodes == [4]  # one decode at 1/4 for all three outputs
-    assert (memo.misses, memo.hits, len(memo), memo.size) == (1, 2, 1, ENTRY)
+    assert (memo.misses, memo.hits, len(memo), memo.currsize) == (1, 2, 1, ENTRY)
 
 
 def test_decoded_pixels_are_read_only() -> None:
@@ -210,7 +210,7 @@ def test_the_least_recently_used_entry_goes_first(
             run(settings, QUERIES[0], source)
         run(settings, QUERIES[0], sources[0])  # a hit: now the most recently used
         run(settings, QUERIES[0], sources[4])  # evicts b, the least recently used
-        assert len(transform.decoded_memo) == 4 and transform.decoded_memo.size == 4 * ENTRY
+        assert len(transform.decoded_memo) == 4 and transform.decoded_memo.currsize == 4 * ENTRY
         assert len(decodes) == 5
         run(settings, QUERIES[0], sources[0])  # still there
         assert len(decodes) == 5

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from . import __version__, logs
-from .config import VARS, ConfigError, Settings
+from .config import VARS, ConfigError, Settings, vars_by_group
 from .signing import sign_url
 
 USAGE = """\
@@ -30,12 +30,9 @@ Configuration comes from the environment only:
 
 def help_text() -> str:
     lines = [USAGE]
-    group = None
-    for var in VARS:
-        if var.group != group:
-            group = var.group
-            lines.append(f"\n{group}:")
-        lines.append(f"  {var.env:<38} {var.shown_default:<40} {var.help}")
+    for group, group_vars in vars_by_group():
+        lines.append(f"\n{group}:")
+        lines += [f"  {v.env:<38} {v.shown_default:<40} {v.help}" for v in group_vars]
     return "\n".join(lines) + "\n"
 
 

@@ -644,6 +644,11 @@ def _vars_of(title: str, group: type) -> list[Var]:
 VARS: tuple[Var, ...] = tuple(v for _, title, g in GROUPS for v in _vars_of(title, g))
 
 
+def vars_by_group() -> list[tuple[str, list[Var]]]:
+    """VARS under their group titles, in order: the layout of `--help` and .env.template."""
+    return [(title, _vars_of(title, g)) for _, title, g in GROUPS]
+
+
 @dataclass(frozen=True)
 class Settings:
     server: Server

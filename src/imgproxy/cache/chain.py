@@ -40,25 +40,18 @@ class Lookup:
     consulted: list[tuple[str, bool]] = field(default_factory=list)  # (tier, hit), for metrics
 
 
+@dataclass(eq=False)
 class WriteBehind:
     """Background writes into one blocking store, bounded by count and bytes."""
 
-    def __init__(
-        self,
-        put: Callable[[str, Entry], bool],
-        executor: ThreadPoolExecutor,
-        max_items: int,
-        max_bytes: int,
-        on_drop: Callable[[], None],
-    ) -> None:
-        self.put = put
-        self.executor = executor
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self.on_drop = on_drop
-        self.pending: dict[str, Entry] = {}
-        self.bytes = 0
-        self._futures: set[asyncio.Future[bool]] = set()
+    put: Callable[[str, Entry], bool]
+    executor: ThreadPoolExecutor
+    max_items: int
+    max_bytes: int
+    on_drop: Callable[[], None]
+    pending: dict[str, Entry] = field(default_factory=dict)
+    bytes: int = 0
+    _futures: set[asyncio.Future[bool]] = field(default_factory=set)
 
     def get(self, key: str) -> Entry | None:
         return self.pending.get(key)

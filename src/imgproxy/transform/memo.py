@@ -35,31 +35,24 @@ def _size(pixels: Pixels) -> int:
     return pixels.nbytes
 
 
-class DecodedMemo:
-    """Thread-safe (a threads-mode worker's render threads share it); `capacity` bytes,
-    0: off. `hits`, `misses` and `refused` count lookups and oversized entries."""
+class DecodedMemo(LRUCache[Hashable, Pixels]):
+    """cachetools' byte-bounded LRU (`len`, `currsize`), thread-safe for `get` and `put` (a
+    threads-mode worker's render threads share it); `capacity` bytes, 0: off. `hits`,
+    `misses` and `refused` count lookups and oversized entries."""
 
     def __init__(self, capacity: int) -> None:
+        super().__init__(max(1, capacity), getsizeof=_size)
         self.capacity = capacity
         self.max_entry = capacity // 4
-        self._lru: LRUCache[Hashable, Pixels] = LRUCache(max(1, capacity), getsizeof=_size)
         self._lock = threading.Lock()
         self.hits = self.misses = self.refused = 0
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> bool:  # on or off, not empty or not
         return self.capacity > 0
 
-    def __len__(self) -> int:
-        return len(self._lru)
-
-    @property
-    def size(self) -> int:
-        """Bytes held."""
-        return int(self._lru.currsize)
-
-    def get(self, key: Hashable) -> Pixels | None:
+    def get(self, key: Hashable, default: None = None) -> Pixels | None:  # type: ignore[override]
         with self._lock:
-            got = self._lru.get(key)
+            got = super().get(key)
             if got is None:
                 self.misses += 1
             else:
@@ -73,7 +66,7 @@ class DecodedMemo:
                 self.refused += 1
             return False
         with self._lock:
-            self._lru[key] = pixels
+            self[key] = pixels
         return True
 
 
