@@ -4,6 +4,9 @@ response starts; the render reads no more than the byte limit."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,19 +74,62 @@ def big_file(tmp_path: Path) -> Path:
     return path
 
 
+class AccessLines(logging.Handler):
+    """The access lines written while it listens on `imgproxy.access`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logging.getLogger("imgproxy.access").addHandler(self)
+        return self.lines
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("imgproxy.access").removeHandler(self)
+
+
 def test_large_passthrough_is_streamed_whole(serve: Callable[..., Server], big_file: Path) -> None:
-    s = serve(big_file.parent)
+    s = serve(big_file.parent, IMAGE_PROXY_ACCESS_LOG="true")
     r = s.get("/big.jpg")
     assert r.status == 200 and r.headers["content-type"] == "image/jpeg"
     assert int(r.headers["content-length"]) == big_file.stat().st_size == len(r.body)
     assert r.body == big_file.read_bytes()
     # its headers leave before the body: the id and the timing are in them all the same
     assert len(r.headers["x-request-id"]) == 32 and "total;dur=" in r.headers["server-timing"]
-    mine = s.get("/big.jpg", headers={"X-Request-ID": "trace-big"})
+    with AccessLines() as lines:
+        mine = s.get("/big.jpg", headers={"X-Request-ID": "trace-big"})
     assert mine.headers["x-request-id"] == "trace-big"
+    # one access line, written when the headers left (the body may outlive its client)
+    mine_lines = [line for line in lines if "trace-big" in line]
+    assert len(mine_lines) == 1 and "GET /big.jpg 200" in mine_lines[0], lines
     head = s.request("HEAD", "/big.jpg")
     assert head.status == 200 and int(head.headers["content-length"]) == len(r.body)
     assert s.get("/big.jpg", headers={"If-None-Match": r.headers["etag"]}).status == 304
+
+
+def test_a_client_gone_mid_body_still_gets_its_access_line(
+    serve: Callable[..., Server], big_file: Path
+) -> None:
+    """A streamed body whose client hangs up after the headers: the request is still
+    logged (once, when its headers left), and the server goes on serving."""
+    s = serve(big_file.parent, IMAGE_PROXY_ACCESS_LOG="true")
+    with AccessLines() as lines:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"GET /big.jpg HTTP/1.1\r\nHost: x\r\nX-Request-ID: gone-1\r\n\r\n")
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200") and b"x-request-id: gone-1" in got.lower()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any("gone-1" in line for line in lines):
+            time.sleep(0.05)
+        assert s.get("/health").status == 200
+    gone = [line for line in lines if "gone-1" in line]
+    assert len(gone) == 1 and "GET /big.jpg 200" in gone[0], lines
 
 
 def test_open_file_length_is_the_open_files(big_file: Path) -> None:

@@ -197,7 +197,7 @@ async def image(request: Request, path: str) -> HTTPResponse:
     ctx = request.app.ctx
     service: ImageService = ctx.service
     headers = request.headers
-    rid = logs.request_id(headers.get("x-request-id"))
+    rid = responses.request_id(request)
     accept = None
     if ctx.negotiation:
         accept = ",".join(headers.getall("accept", ()))  # RFC 9110: lines join
@@ -229,7 +229,8 @@ async def image(request: Request, path: str) -> HTTPResponse:
         status = response.status
     finally:
         service.metrics.in_flight.dec()
-    responses.finish(request, response, rid, started, reply, image=True)
+    if response.stream is None:  # else sent already, and finished when its headers left
+        responses.finish(request, response, rid, started, reply, image=True)
     sent = reply.size if reply is not None and status == 200 and not head else 0
     service.observe(out.label, status, out.kind, time.perf_counter() - started, sent)
     return response

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 from sanic import HTTPResponse, Request
 from sanic.response import BaseHTTPResponse
@@ -84,20 +85,14 @@ def block_of(headers: dict[str, str], content_type: str) -> tuple[tuple[bytes, b
 def quick(request: Request, body: bytes, known: Known, content_type: str, rid: str,
           started: float, tier: str | None) -> Prepared:  # fmt: skip
     """The response of a 200 served from memory (`ImageService.quick`): a hit of this
-    worker's hot tier or a passthrough of a memoised file."""
+    worker's hot tier (`tier` "memory") or a passthrough of a memoised file (None)."""
     block = known.block
     if block is None:
         block = known.block = block_of(known.headers, content_type)
     response = Prepared(body, block)
-    response.headers["x-request-id"] = rid
-    app = request.app.ctx
-    if app.timing:
-        total = (time.perf_counter() - started) * 1000
-        cache = f"cache;desc={tier}, " if tier else ""
-        response.headers["server-timing"] = f"{cache}total;dur={total:.2f}"
-    if app.access:
-        seconds = time.perf_counter() - started
-        access_line(request, response, rid, seconds, tier, content_type)
+    cache = stamp(request, response.headers, rid, started, tier)
+    if request.app.ctx.access:
+        access_line(request, response, rid, _since(started), cache, content_type)
     return response
 
 
@@ -121,12 +116,10 @@ async def build(
     stream = reply.stream
     try:
         headers["Content-Length"] = str(stream.size)
-        # these headers leave now, before the body: `finish` would come too late for them
-        headers["X-Request-ID"] = rid
-        if request.app.ctx.timing:
-            cache = reply.cache_tier or ("miss" if settings.cache.enabled else None)
-            headers["Server-Timing"] = server_timing(time.perf_counter() - started, None, cache)
+        # the headers leave now, before the body: finished here, not after the body (the
+        # client may be gone by then, and the handler cancelled with its connection)
         response = await request.respond(headers=headers, content_type=reply.content_type)
+        finish(request, response, rid, started, reply, image=True)
         if request.method != "HEAD":
             try:
                 async for chunk in stream.chunks():
@@ -157,28 +150,46 @@ def finish(
     rid: str,
     started: float | None,
     reply: Reply | None = None,
-    cache: str | None = None,
-    content_type: str | None = None,
     image: bool = False,
 ) -> None:
     """Every response: X-Request-ID and the access line; image responses (`image`):
-    Server-Timing. What is off costs one flag test (`app.ctx.timing`, `.access`)."""
-    response.headers["X-Request-ID"] = rid
-    app = request.app.ctx
-    timing = image and app.timing and "server-timing" not in response.headers
-    if not (app.access or timing):
-        return
-    now = time.perf_counter()
-    seconds = now - (now if started is None else started)
-    if reply is not None:
-        cache, content_type = reply.cache_tier, reply.content_type
-    if image and cache is None and app.settings.cache.enabled:
-        cache = "miss"
-    if timing:
-        steps = reply.steps if reply is not None else None
-        response.headers["Server-Timing"] = server_timing(seconds, steps, cache)
-    if app.access:
-        access_line(request, response, rid, seconds, cache if image else None, content_type)
+    Server-Timing (`stamp`). Before the response's headers are sent: `build` calls it for a
+    streamed body, the handlers for the rest. What is off costs one flag test
+    (`app.ctx.timing`, `.access`)."""
+    if not image:
+        response.headers["X-Request-ID"] = rid
+        cache = None
+    else:
+        tier, steps = (reply.cache_tier, reply.steps) if reply else (None, None)
+        cache = stamp(request, response.headers, rid, started, tier, steps)
+    if request.app.ctx.access:
+        ctype = reply.content_type if reply else None
+        access_line(request, response, rid, _since(started), cache, ctype)
+
+
+def stamp(
+    request: Request,
+    headers: MutableMapping[str, Any],
+    rid: str,
+    started: float | None,
+    tier: str | None,
+    steps: dict[str, float] | None = None,
+) -> str | None:
+    """An image response's X-Request-ID and (when on) Server-Timing, set in `headers`;
+    returns the cache tier they name: `tier`, else `miss` with the cache on, else None."""
+    headers["X-Request-ID"] = rid
+    cache = tier or _miss(request)
+    if request.app.ctx.timing:
+        headers["Server-Timing"] = server_timing(_since(started), steps, cache)
+    return cache
+
+
+def _miss(request: Request) -> str | None:
+    return "miss" if request.app.ctx.settings.cache.enabled else None
+
+
+def _since(started: float | None) -> float:
+    return 0.0 if started is None else time.perf_counter() - started
 
 
 def access_line(

@@ -68,7 +68,6 @@ class ImageService:
         self.local = LocalSource(settings.images.root_path)
         self.io_executor = ThreadPoolExecutor(2, thread_name_prefix="imgproxy-io")
         self.passthrough = Passthrough(settings, self.io_executor, self._not_an_image)
-        self._pass_tier = "miss" if settings.cache.enabled else None  # Server-Timing
         # path + identity -> header facts
         self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
         m = metrics  # children bound once: a labels() lookup costs more than the increment
@@ -91,7 +90,7 @@ class ImageService:
         if not isinstance(known, Known) or known.identity != located.identity:
             known = parsed.known = await self._learn(spec, accept, located)
             if isinstance(located, LocalFile):
-                known.source, known.memo_key = located, f"{located.path}\x00{located.identity}"
+                known.source = located
         if known.negotiated:
             out.label = known.negotiated
         if known.spec.is_passthrough:
@@ -103,15 +102,16 @@ class ImageService:
         """A 200 answered from this worker's memory without a single await: a hot-tier hit
         or a memoised passthrough file, when this URL was answered before, its local source
         is unchanged (one lstat) and nothing conditional was asked. (entry, known, kind,
-        cache tier) or None: the full path."""
+        the cache tier that answered: memory, or None for a passthrough) or None: the full
+        path."""
         known = parsed.known
         if not isinstance(known, Known) or not known.headers or known.source is None:
             return None
         if not self.local.unchanged(known.source):
             return None
         if known.key is None:
-            entry = self.passthrough.files.get(known.memo_key)
-            return (entry, known, "passthrough", self._pass_tier) if entry else None
+            entry = self.passthrough.files.get(known.source.key)
+            return (entry, known, "passthrough", None) if entry else None
         entry = self.producer.hot(known.key)
         return (entry, known, "transform", "memory") if entry else None
 
@@ -174,7 +174,7 @@ class ImageService:
     async def _probe(self, located: Located) -> sniff.Probe | None:
         if isinstance(located, Fetched):  # a fallback body, already in memory
             return sniff.probe(located.data[: sniff.PROBE_BYTES])
-        key = f"{located.path}\x00{located.identity}"  # a changed file has a new identity
+        key = located.key
         try:
             return self._probes[key]
         except KeyError:

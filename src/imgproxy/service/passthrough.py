@@ -50,7 +50,7 @@ class Passthrough:
             reply.content_type = self._sniffed(located, located.data)
             reply.body = located.data
         elif head or not_modified:
-            entry = self.files.get(f"{located.path}\x00{located.identity}")
+            entry = self.files.get(located.key)
             sniffed = entry[1] if entry else self._sniffed(located, self._head(located))
             reply.content_type, reply.size = sniffed, located.size
         elif located.size > STREAM_FILE:
@@ -83,7 +83,7 @@ class Passthrough:
     async def _read_small(self, located: LocalFile) -> Entry:
         """A local file's bytes and sniffed type, from the per-worker file memo when its
         (size, mtime) identity still matches: a stat per request, no read, no sniff."""
-        key = f"{located.path}\x00{located.identity}"
+        key = located.key
         entry = self.files.get(key)
         if entry is not None:
             return entry

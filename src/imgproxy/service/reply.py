@@ -39,4 +39,3 @@ class Known:
     headers: dict[str, str] = field(default_factory=dict)
     block: tuple[tuple[bytes, bytes], ...] | None = None  # the headers, encoded (responses)
     source: LocalFile | None = None  # a local source, as located when this was learnt
-    memo_key: str = ""  # passthrough: the file memo's key

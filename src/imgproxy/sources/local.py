@@ -24,6 +24,12 @@ class LocalFile:
     identity: str  # changes whenever the bytes change (size + mtime in ns)
     stamp: tuple[int, int, int, int] = (0, 0, 0, 0)  # (st_dev, st_ino, size, mtime_ns)
 
+    @property
+    def key(self) -> str:
+        """Path and identity: what a memo of this file's bytes or facts is keyed by (a
+        changed file has a new identity, so a new key)."""
+        return f"{self.path}\x00{self.identity}"
+
 
 class LocalSource:
     RESOLVE_TTL = 1.0  # seconds a resolved (realpath'd) path is reused
