@@ -320,12 +320,13 @@ def test_write_behind_is_bounded_by_count_and_bytes_and_drains() -> None:
     assert "c" in written
 
 
-def test_remembered_answers_follow_a_changed_file_at_once(
+def test_remembered_answers_follow_a_changed_file_within_a_second(
     serve: Callable[..., Server], images: Path
 ) -> None:
     """A URL's answer (negotiated spec, key, ETag, headers) is learnt once per source
     identity: repeated hits and passthroughs carry the very same headers, and a file changed
-    on disk shows on the next request, headers included."""
+    on disk shows within a second (SPEC: the identity may be memoised for at most 1 s per
+    path), headers included."""
     s = serve(images, **CACHE_ON)
     ignore = {"x-request-id", "server-timing", "date"}
 
@@ -341,6 +342,7 @@ def test_remembered_answers_follow_a_changed_file_at_once(
     photo(300, 200).jpegsave(str(images / "a.jpg"))
     later = time.time() + 10
     os.utime(images / "a.jpg", (later, later))
+    time.sleep(1.0)
     new_pass = s.get("/a.jpg")
     assert new_pass.body == (images / "a.jpg").read_bytes()
     assert new_pass.headers["etag"] != old_pass.headers["etag"]

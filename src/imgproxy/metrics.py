@@ -10,10 +10,14 @@ bounded: never a path or a host.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -65,6 +69,50 @@ def remove_directory(path: str | None) -> None:
         if os.environ.get(ENV) == path:
             del os.environ[ENV]
             values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+_PACK_SLOT = struct.Struct("dd").pack_into  # (value, timestamp): an mmap slot's layout
+
+
+def adder(child: Any) -> Callable[..., None]:
+    """`child.inc` for a counter (child) that only this worker's event loop writes, made
+    cheap: with multiprocess values the sum goes straight to its mmap slot, without the
+    process-wide lock, the fork check and the argument checks (0.13 µs instead of 0.9; a
+    cache hit writes five). Synchronous, so a scrape on another worker right after the
+    response never sees the old count. Without multiprocess values: `child.inc` itself."""
+    fast = _slot_adder(child._value)
+    return child.inc if fast is None else fast
+
+
+def observer(child: Any) -> Callable[[float], None]:
+    """`child.observe` for a histogram (child) that only this worker's event loop writes,
+    made cheap like `adder`: the bucket found by bisection, then two slot writes."""
+    buckets = [_slot_adder(v) for v in child._buckets]
+    add_sum = _slot_adder(child._sum)
+    if add_sum is None or None in buckets:
+        return child.observe  # type: ignore[no-any-return]
+    bounds = list(child._upper_bounds)
+    adders: list[Callable[..., None]] = buckets  # type: ignore[assignment]
+
+    def observe(amount: float) -> None:
+        adders[bisect.bisect_left(bounds, amount)](1.0)
+        add_sum(amount)
+
+    return observe
+
+
+def _slot_adder(value: Any) -> Callable[..., None] | None:
+    if getattr(value, "_file", None) is None:  # not prometheus_client's MmapedValue
+        return None
+    key = value._key
+
+    def add(amount: float = 1.0) -> None:
+        value._value += amount
+        value._timestamp = 0.0
+        f = value._file  # re-read: a fork check elsewhere may have reopened it
+        _PACK_SLOT(f._m, f._positions[key], value._value, 0.0)
+
+    return add
 
 
 class Metrics:

@@ -20,7 +20,7 @@ from . import flight, params, transform
 from .cache import CacheChain, Entry
 from .config import CONTENT_TYPES, Settings
 from .errors import ImgProxyError, Overloaded, RenderFailed, UpstreamError
-from .metrics import Metrics
+from .metrics import Metrics, adder
 from .params import Output
 from .pool import Job, Pool, check_source
 from .sources import Fetched, Located, read_file
@@ -53,8 +53,8 @@ class Producer:
             if cache is not None and cache.leases is not None
             else None
         )
-        self._lookups = {  # (tier, hit) -> its counter, bound once
-            (tier, hit): metrics.cache.labels(tier, "hit" if hit else "miss")
+        self._lookups = {  # (tier, hit) -> its counter's adder, bound once
+            (tier, hit): adder(metrics.cache.labels(tier, "hit" if hit else "miss"))
             for tier in ("memory", "disk", "redis")
             for hit in (True, False)
         }
@@ -87,7 +87,7 @@ class Producer:
         cheapest hit, tried first."""
         entry = self.cache.hot.get(key) if self.cache is not None else None
         if entry is not None:
-            self._lookups[("memory", True)].inc()
+            self._lookups[("memory", True)]()
         return entry
 
     async def produce(self, key: str, located: Located, spec: Output) -> Produced:
@@ -101,7 +101,7 @@ class Producer:
             return Produced(entry, None, steps)
         found = await cache.lookup(key)
         for consulted in found.consulted:
-            self._lookups[consulted].inc()
+            self._lookups[consulted]()
         if found.entry is not None:
             return Produced(found.entry, found.tier, None)
         entry, steps = await self.flight.run(key, lambda: self._instance(key, job))

@@ -55,7 +55,7 @@ class Prepared(HTTPResponse):
 
     __slots__ = ("block",)
 
-    def __init__(self, body: bytes, block: tuple[tuple[bytes, bytes], ...]) -> None:
+    def __init__(self, body: bytes, block: tuple[bytes, bytes]) -> None:
         # BaseHTTPResponse's slots, set directly: HTTPResponse() builds two Header objects
         self.asgi = False
         self.body = body
@@ -68,18 +68,22 @@ class Prepared(HTTPResponse):
 
     @property
     def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
-        yield from self.block
+        yield self.block
         for name, value in self.headers.items():  # ours, or Sanic's own: already clean
             yield name.encode("ascii"), f"{value}".encode(errors="surrogateescape")
 
 
-def block_of(headers: dict[str, str], content_type: str) -> tuple[tuple[bytes, bytes], ...]:
-    """`headers` (and the content type) as Sanic would send them, encoded once."""
-    pairs = [("content-type", content_type), *headers.items()]
-    return tuple(
-        (name.translate(_CLEAN).encode("ascii"), value.translate(_CLEAN).encode())
-        for name, value in pairs
-    )
+def block_of(headers: dict[str, str], content_type: str) -> tuple[bytes, bytes]:
+    """`headers` (and the content type) as Sanic would send them, encoded once, as one
+    (name, value) pair: Sanic writes each pair as `name: value CRLF`, so the value carries
+    the other lines whole (`image/webp CRLF vary: Accept CRLF etag: ...`), and one header
+    line's formatting sends all of them."""
+    lines = [
+        b"%b: %b" % (name.translate(_CLEAN).encode("ascii"), value.translate(_CLEAN).encode())
+        for name, value in [("content-type", content_type), *headers.items()]
+    ]
+    name, _, first = lines[0].partition(b": ")
+    return name, b"\r\n".join([first, *lines[1:]])
 
 
 def quick(request: Request, body: bytes, known: Known, content_type: str, rid: str,
@@ -216,6 +220,10 @@ def access_line(
 def server_timing(total: float, steps: dict[str, float] | None, cache: str | None) -> str:
     """`cache;desc=<tier>|miss, decode;dur=.., resize;dur=.., encode;dur=.., total;dur=..`
     (milliseconds): what devtools shows under Network -> Timing -> Server Timing."""
+    if steps is None:  # an answer from a cache or a passthrough: the common, cheap case
+        if cache:
+            return f"cache;desc={cache}, total;dur={total * 1000:.2f}"
+        return f"total;dur={total * 1000:.2f}"
     parts = [f"cache;desc={cache}"] if cache else []
     for step in ("decode", "resize", "encode"):
         if steps and step in steps:

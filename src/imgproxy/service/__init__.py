@@ -15,9 +15,10 @@ Image work never runs on the event loop. Leaf modules report facts; this module 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from time import monotonic
 
 from .. import negotiate, params, sniff
 from ..cache import Entry, LRUCache
@@ -31,7 +32,7 @@ from ..errors import (
     status_label,
 )
 from ..httpdates import Conditional
-from ..metrics import Metrics
+from ..metrics import Metrics, adder, observer
 from ..params import TransformSpec
 from ..params.urls import Parsed
 from ..produce import Producer
@@ -42,6 +43,7 @@ from .reply import Known, Reply
 __all__ = ["ImageService", "Known", "Outcome", "Reply"]
 
 PROBES_MAX = 10_000  # header probes remembered per worker (least recently used go first)
+CHECK_EVERY = 0.5  # seconds an answer held in memory trusts its local source unchanged
 _OUTCOMES = {NotFound: "not_found", UpstreamTimeout: "timeout"}  # fallback fetches, else error
 
 
@@ -70,10 +72,12 @@ class ImageService:
         self.passthrough = Passthrough(settings, self.io_executor, self._not_an_image)
         # path + identity -> header facts
         self._probes: LRUCache[str, sniff.Probe | None] = LRUCache(PROBES_MAX)
-        m = metrics  # children bound once: a labels() lookup costs more than the increment
-        self._requests: dict[tuple[str, int], Any] = {}
-        self._duration = {k: m.duration.labels(k) for k in ("passthrough", "transform", "other")}
-        self._bytes = {k: m.bytes_served.labels(k) for k in ("passthrough", "transform", "other")}
+        # children bound once (a labels() lookup costs more than the increment), written
+        # through metrics.adder/observer (this loop is their only writer)
+        m, kinds = metrics, ("passthrough", "transform", "other")
+        self._requests: dict[tuple[str, int], Callable[..., None]] = {}
+        self._duration = {k: observer(m.duration.labels(k)) for k in kinds}
+        self._bytes = {k: adder(m.bytes_served.labels(k)) for k in kinds}
 
     @property
     def cache(self):  # type: ignore[no-untyped-def]
@@ -101,14 +105,20 @@ class ImageService:
     def quick(self, parsed: Parsed) -> tuple[Entry, Known, str, str | None] | None:
         """A 200 answered from this worker's memory without a single await: a hot-tier hit
         or a memoised passthrough file, when this URL was answered before, its local source
-        is unchanged (one lstat) and nothing conditional was asked. (entry, known, kind,
-        the cache tier that answered: memory, or None for a passthrough) or None: the full
-        path."""
+        is unchanged and nothing conditional was asked. (entry, known, kind, the cache tier
+        that answered: memory, or None for a passthrough) or None: the full path.
+
+        "Unchanged" is one lstat against the (dev, inode, size, mtime) the answer was made
+        from, at most every CHECK_EVERY seconds per URL (SPEC: the identity may be memoised
+        for at most 1 s per path): a rewritten, removed or swapped file shows within that."""
         known = parsed.known
         if not isinstance(known, Known) or not known.headers or known.source is None:
             return None
-        if not self.local.unchanged(known.source):
-            return None
+        now = monotonic()
+        if now - known.checked >= CHECK_EVERY:
+            if not self.local.unchanged(known.source):
+                return None
+            known.checked = now
         if known.key is None:
             entry = self.passthrough.files.get(known.source.key)
             return (entry, known, "passthrough", None) if entry else None
@@ -229,14 +239,14 @@ class ImageService:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def observe(self, fmt: str, status: int, kind: str, seconds: float, nbytes: int) -> None:
-        child = self._requests.get((fmt, status))
-        if child is None:
-            child = self.metrics.requests.labels(fmt, status_label(status))
-            self._requests[(fmt, status)] = child
-        child.inc()
-        self._duration[kind].observe(seconds)
+        count = self._requests.get((fmt, status))
+        if count is None:
+            count = adder(self.metrics.requests.labels(fmt, status_label(status)))
+            self._requests[(fmt, status)] = count
+        count()
+        self._duration[kind](seconds)
         if nbytes:
-            self._bytes[kind].inc(nbytes)
+            self._bytes[kind](nbytes)
 
     async def close(self) -> None:
         """Background cache writes drained, tiers, pool and clients closed (on shutdown)."""

@@ -37,5 +37,6 @@ class Known:
     etag: str
     output: params.Output | None = None  # transforms only: the resolved output
     headers: dict[str, str] = field(default_factory=dict)
-    block: tuple[tuple[bytes, bytes], ...] | None = None  # the headers, encoded (responses)
+    block: tuple[bytes, bytes] | None = None  # the headers, encoded as one (responses)
     source: LocalFile | None = None  # a local source, as located when this was learnt
+    checked: float = float("-inf")  # time.monotonic() when `source` was last seen unchanged
