@@ -413,10 +413,13 @@ def server_workers(main_pid: int) -> dict[str, int]:
                 continue  # a worker's own child (it inherited the variable)
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
         if state == "Z":
             continue  # dead, not yet reaped
+        if b"resource_tracker" in cmdline:
+            continue  # multiprocessing's tracker, spawned while a worker's name was set
         for item in environ:
             if item.startswith(b"SANIC_WORKER_NAME=Sanic-Server-"):
                 found[item.partition(b"=")[2].decode()] = pid

@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Sanic[Any, Any]:
     app.add_route(metrics, "/metrics", methods=["GET", "HEAD"])
     app.add_route(image, "/<path:path>", methods=["GET", "HEAD"])
     app.error_handler.add(Exception, on_error)
+    app.ctx.spread = None  # workers.Spread, in start_worker
     # Main process listeners: every way to run (python -m imgproxy, the .pyz, the Sanic CLI)
     # gets the same instance: metrics directory, render queue, cache home, watchdog.
     app.register_listener(start_instance, "main_process_start")
@@ -124,6 +125,10 @@ async def start_instance(app: Sanic[Any, Any]) -> None:
     for name, value in shared.items():
         setattr(app.shared_ctx, name, value)
     app.ctx.instance_dir = cache.instance.prepare(s)
+    counts = workers.shared_array(s.server.workers)  # open connections per worker
+    if counts is not None:
+        app.shared_ctx.connections = counts
+        app.ctx.on_worker_death.append(lambda index, pid: counts.__setitem__(index, 0))
 
 
 async def stop_instance(app: Sanic[Any, Any]) -> None:
@@ -169,6 +174,9 @@ async def start_worker(app: Sanic[Any, Any]) -> None:
     app.ctx.service = ImageService(s, m, Producer(s, m, renders, chain), http)
     app.ctx.urls = urls.Urls(s)
     app.ctx.negotiation = bool(s.images.preferred_formats)
+    app.ctx.spread = workers.Spread.for_worker(getattr(app.shared_ctx, "connections", None))
+    if app.ctx.spread is not None:
+        app.ctx.spread.start(loop)
 
 
 async def stop_worker(app: Sanic[Any, Any]) -> None:
@@ -195,6 +203,8 @@ async def metrics(request: Request) -> HTTPResponse:
 async def image(request: Request, path: str) -> HTTPResponse:
     started = time.perf_counter()
     ctx = request.app.ctx
+    if ctx.spread is not None and ctx.spread.over(request.stream):  # holds too many
+        request.stream.keep_alive = False  # type: ignore[union-attr]
     service: ImageService = ctx.service
     headers = request.headers
     rid = responses.request_id(request)

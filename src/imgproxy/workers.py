@@ -25,9 +25,11 @@ stops and the process exits 1, so a supervisor restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -259,3 +261,69 @@ class Watchdog:
                 self.manager.worker_state[process.name] = {**state, "state": "ACKED"}
             except Exception:  # the state dict is gone: Sanic is stopping anyway
                 continue
+
+
+class Spread:
+    """Keep-alive connections spread over the workers (in each worker).
+
+    The workers accept on one socket: whichever is awake first takes every connection that
+    is waiting, so a burst of new keep-alive connections (a load balancer's or a CDN's pool,
+    a benchmark's) often lands 8/0 or 7/1 on two workers, and one core serves them all for
+    as long as they live. Each worker publishes its open connections (Sanic's own set of
+    them) in its slot of a shared array, every PUBLISH seconds and at each look; every EVERY
+    requests a worker over its fair share (more than ceil(total / workers)) answers with
+    `Connection: close`, and the client's next connection goes to whichever worker accepts
+    first: the less busy one. Balanced workers close nothing."""
+
+    EVERY = 8  # requests between looks at the counts
+    PUBLISH = 0.25  # seconds between publications of this worker's count
+
+    def __init__(self, counts: Any, index: int) -> None:
+        self.counts = counts  # multiprocessing RawArray("i", workers), or a list in tests
+        self.index = index
+        self.workers = len(counts)
+        self.connections: Any = ()  # Sanic's set of this worker's open connections
+        self.tick = self.EVERY
+        self.timer: asyncio.TimerHandle | None = None
+        counts[index] = 0  # a replacement starts afresh
+
+    @classmethod
+    def for_worker(cls, counts: Any) -> Spread | None:
+        """This worker's, when it is one of several (`counts` from `shared_array`)."""
+        name = os.environ.get("SANIC_WORKER_NAME", "")
+        if counts is None or len(counts) < 2 or not name.startswith(SERVER_PREFIX):
+            return None
+        index = int(name.removeprefix(SERVER_PREFIX).split("-")[0])
+        return cls(counts, index) if index < len(counts) else None
+
+    def publish(self) -> int:
+        mine = self.counts[self.index] = len(self.connections)
+        return mine
+
+    def over(self, stream: Any) -> bool:
+        """Should the connection of this request (`stream`: Sanic's Http) close after its
+        response? Cheap: a counter, and every EVERY requests a look at the counts."""
+        self.tick -= 1
+        if self.tick:
+            return False
+        self.tick = self.EVERY
+        self.connections = stream.protocol.connections
+        mine = self.publish()
+        if mine < 2:
+            return False
+        total: int = sum(self.counts)
+        return mine * self.workers > total + self.workers - 1  # mine > ceil(total / workers)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Publish this worker's count every PUBLISH seconds (an idle worker's too)."""
+
+        def again() -> None:
+            self.publish()
+            self.timer = loop.call_later(self.PUBLISH, again)
+
+        self.timer = loop.call_later(self.PUBLISH, again)
+
+
+def shared_array(workers: int) -> Any:
+    """Main process: the array `Spread` counts in (one slot per worker), or None for one."""
+    return multiprocessing.RawArray("i", workers) if workers > 1 else None
