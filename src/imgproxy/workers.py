@@ -58,6 +58,10 @@ SERVER_PREFIX = "Sanic-Server-"  # Sanic names its server processes Sanic-Server
 NOT_A_DEATH = (ProcessState.RESTARTING, ProcessState.JOINED, ProcessState.TERMINATED)
 
 
+def worker_index(name: str) -> int:  # the index in a server's name: Sanic-Server-<index>-0
+    return int(name.removeprefix(SERVER_PREFIX).split("-")[0])
+
+
 def crash_loop_limit(workers: int) -> int:
     """Deaths allowed within WINDOW (SPEC: a crash loop is more than 2 x workers + 1)."""
     return 2 * max(1, workers) + 1
@@ -213,7 +217,7 @@ class Watchdog:
             )
         else:
             log.warning("worker %s (pid %d) died (%s); restarting", name, pid, how)
-        index = int(name.removeprefix(SERVER_PREFIX).split("-")[0])
+        index = worker_index(name)
         for hook in self.hooks:
             try:
                 hook(index, pid)
@@ -269,11 +273,10 @@ class Spread:
     The workers accept on one socket: whichever is awake first takes every connection that
     is waiting, so a burst of new keep-alive connections (a load balancer's or a CDN's pool,
     a benchmark's) often lands 8/0 or 7/1 on two workers, and one core serves them all for
-    as long as they live. Each worker publishes its open connections (Sanic's own set of
-    them) in its slot of a shared array, every PUBLISH seconds and at each look; every EVERY
-    requests a worker over its fair share (more than ceil(total / workers)) answers with
-    `Connection: close`, and the client's next connection goes to whichever worker accepts
-    first: the less busy one. Balanced workers close nothing."""
+    as long as they live. Each worker publishes its open connections (Sanic's own set) in
+    its slot of a shared array; every EVERY requests a worker over its fair share (more than
+    ceil(total / workers)) answers with `Connection: close`, and the client's next
+    connection goes to whichever worker accepts first: the less busy one."""
 
     EVERY = 8  # requests between looks at the counts
     PUBLISH = 0.25  # seconds between publications of this worker's count
@@ -281,10 +284,8 @@ class Spread:
     def __init__(self, counts: Any, index: int) -> None:
         self.counts = counts  # multiprocessing RawArray("i", workers), or a list in tests
         self.index = index
-        self.workers = len(counts)
         self.connections: Any = ()  # Sanic's set of this worker's open connections
         self.tick = self.EVERY
-        self.timer: asyncio.TimerHandle | None = None
         counts[index] = 0  # a replacement starts afresh
 
     @classmethod
@@ -293,11 +294,11 @@ class Spread:
         name = os.environ.get("SANIC_WORKER_NAME", "")
         if counts is None or len(counts) < 2 or not name.startswith(SERVER_PREFIX):
             return None
-        index = int(name.removeprefix(SERVER_PREFIX).split("-")[0])
+        index = worker_index(name)
         return cls(counts, index) if index < len(counts) else None
 
     def publish(self) -> int:
-        mine = self.counts[self.index] = len(self.connections)
+        mine = self.counts[self.index] = len(self.connections)  # also each PUBLISH seconds
         return mine
 
     def over(self, stream: Any) -> bool:
@@ -312,16 +313,13 @@ class Spread:
         if mine < 2:
             return False
         total: int = sum(self.counts)
-        return mine * self.workers > total + self.workers - 1  # mine > ceil(total / workers)
+        workers = len(self.counts)
+        return mine * workers > total + workers - 1  # mine > ceil(total / workers)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Publish this worker's count every PUBLISH seconds (an idle worker's too)."""
-
-        def again() -> None:
-            self.publish()
-            self.timer = loop.call_later(self.PUBLISH, again)
-
-        self.timer = loop.call_later(self.PUBLISH, again)
+        """Publish this worker's count now and every PUBLISH seconds (an idle one's too)."""
+        self.publish()
+        loop.call_later(self.PUBLISH, self.start, loop)
 
 
 def shared_array(workers: int) -> Any:
