@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -155,6 +156,25 @@ def test_render_read_is_capped(tmp_path: Path) -> None:
     assert len(read_capped(str(path), 5000)) == 2003
     with pytest.raises(UnprocessableImage):
         read_capped(str(path), 1000)  # grew past the size checked at stat time
+
+
+def test_render_read_notices_a_file_growing_while_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffer is sized from fstat: a file longer than fstat said (it grew meanwhile)
+    is read on to its end, still capped, never cut at the stat's size."""
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)
+    real_fstat = os.fstat
+
+    def stale_fstat(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        return os.stat_result((*st[:6], 100, *st[7:]))  # st_size as it was, earlier
+
+    monkeypatch.setattr(os, "fstat", stale_fstat)
+    assert read_capped(str(path), 5000) == path.read_bytes()
+    with pytest.raises(UnprocessableImage):
+        read_capped(str(path), 1000)
 
 
 def read_chars() -> int:

@@ -28,6 +28,7 @@ from imgproxy.errors import Overloaded, RenderFailed, UnprocessableImage
 from imgproxy.metrics import Metrics
 from imgproxy.pool import renderers
 from imgproxy.pool.dispatcher import Dispatcher
+from imgproxy.pool.job import RENDER_NICE, tune_allocator
 
 pytestmark = pytest.mark.slow
 
@@ -322,6 +323,7 @@ def test_a_render_process_killed_mid_request_is_a_500_and_is_replaced(
     with subprocess_server(env) as (server, proc):
         until(lambda: len(render_processes(proc.pid)) == 1, "the render process is up")
         (victim,) = render_processes(proc.pid)
+        assert niceness(victim) == niceness(proc.pid) + RENDER_NICE
         with concurrent.futures.ThreadPoolExecutor(1) as ex:
             slow = ex.submit(raw_request, server.port, "/big.jpg?size=2900&format=avif")
             until(lambda: server.metric("image_transforms_running") == 1, "the render runs")
@@ -337,6 +339,17 @@ def test_a_render_process_killed_mid_request_is_a_500_and_is_replaced(
         assert server.metric("image_transforms_running") == 0
         log = "".join(server.output)
         assert f"render process {victim} ended" in log
+        (replacement,) = render_processes(proc.pid)
+        assert niceness(replacement) == niceness(proc.pid) + RENDER_NICE
+
+
+def niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_the_allocator_is_tuned_where_renders_run() -> None:
+    """glibc's mallopt is found and takes both thresholds (it answers 0 on a refusal)."""
+    assert tune_allocator()
 
 
 def render_processes(main_pid: int) -> list[int]:

@@ -38,7 +38,7 @@ from ..metrics import Metrics
 from ..transform import Rendered
 from . import renderers
 from .dispatcher import Dispatcher
-from .job import SETTLE_NS, Job, check_source, execute, file_identity, renderer
+from .job import SETTLE_NS, Job, check_source, execute, file_identity, renderer, tune_allocator
 
 __all__ = [
     "SETTLE_NS",
@@ -107,6 +107,7 @@ class ThreadPool:
         self.limits, self.encode, self.metrics = limits, encode, metrics
         self.capacity = limits.transform_threads + limits.transform_queue
         self.executor = ThreadPoolExecutor(limits.transform_threads, "imgproxy-render")
+        tune_allocator()  # this process renders
         self.admitted = 0
 
     async def run(self, job: Job) -> Rendered:
@@ -179,6 +180,7 @@ class PermitPool:
         self.client = renderers.Client(address)
         self.limits, self.encode, self.metrics = limits, encode, metrics
         self.executor = ThreadPoolExecutor(limits.transform_threads, "imgproxy-render")
+        tune_allocator()  # this process renders
 
     async def run(self, job: Job) -> Rendered:
         tally = _Tally(self.metrics)

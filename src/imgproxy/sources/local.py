@@ -122,9 +122,22 @@ def read_file(path: str, limit: int | None = None) -> bytes:
 
 
 def read_capped(path: str, cap: int) -> bytes:
-    """The whole file, but never more than `cap` bytes: a file that grew past the size
-    checked at stat time is refused (422) instead of being read in full."""
-    data = read_file(path, cap + 1)
+    """The whole file, but never more than `cap` bytes: a file over `cap`, or one that grew
+    past it since the stat, is refused (422) instead of being read in full.
+
+    The buffer is sized from the open file's own fstat (+1 byte to notice growth), never
+    from `cap`: `read(cap + 1)` would allocate all of `cap` (128 MiB by default, a fresh
+    mmap the kernel zeroes and unmaps on every call), ~2 ms per 3 MB read instead of 0.15."""
+    try:
+        with open(_open_nofollow(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > cap:
+                raise UnprocessableImage("image file too large")
+            data = f.read(size + 1)
+            if len(data) > size:  # growing while we read: the rest, still capped
+                data += f.read(cap + 1 - len(data))
+    except OSError:
+        raise NotFound() from None
     if len(data) > cap:
         raise UnprocessableImage("image file too large")
     return data
