@@ -107,7 +107,6 @@ class ThreadPool:
         self.limits, self.encode, self.metrics = limits, encode, metrics
         self.capacity = limits.transform_threads + limits.transform_queue
         self.executor = ThreadPoolExecutor(limits.transform_threads, "imgproxy-render")
-        tune_allocator()  # this process renders
         self.admitted = 0
 
     async def run(self, job: Job) -> Rendered:
@@ -180,7 +179,6 @@ class PermitPool:
         self.client = renderers.Client(address)
         self.limits, self.encode, self.metrics = limits, encode, metrics
         self.executor = ThreadPoolExecutor(limits.transform_threads, "imgproxy-render")
-        tune_allocator()  # this process renders
 
     async def run(self, job: Job) -> Rendered:
         tally = _Tally(self.metrics)
@@ -230,10 +228,13 @@ def open_pool(shared_ctx: Any, limits: Limits, encode: EncodeOptions, metrics: M
     raw = getattr(shared_ctx, "pool_address", None)
     if raw is not None and raw.value:
         mode, _, address = raw.value.decode().partition(":")
-        if mode == "permits":
-            return PermitPool(address, limits, encode, metrics)
-        return ProcessPool(address, metrics)
-    return ThreadPool(limits, encode, metrics)
+        if mode != "permits":
+            return ProcessPool(address, metrics)
+        pool: Pool = PermitPool(address, limits, encode, metrics)
+    else:
+        pool = ThreadPool(limits, encode, metrics)
+    tune_allocator()  # this worker renders, in its own threads
+    return pool
 
 
 def _spill_dir() -> str:

@@ -3,10 +3,12 @@ and the three ways their bytes are read (whole, capped, or opened before a respo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import aiofiles
 from cachetools import TTLCache
@@ -114,9 +116,17 @@ def _open_nofollow(path: str, flags: int = os.O_RDONLY) -> int:
 def read_file(path: str, limit: int | None = None) -> bytes:
     """Blocking read of a file, or of its first `limit` bytes (small, page-cached files:
     faster than any async hop)."""
+    with _reading(path) as f:
+        return f.read() if limit is None else f.read(limit)
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[BinaryIO]:
+    """The file at the resolved `path`, open for reading; NotFound for any OSError (a
+    vanished file, a symlink swapped in, a read error)."""
     try:
         with open(_open_nofollow(path), "rb") as f:
-            return f.read() if limit is None else f.read(limit)
+            yield f
     except OSError:
         raise NotFound() from None
 
@@ -128,16 +138,13 @@ def read_capped(path: str, cap: int) -> bytes:
     The buffer is sized from the open file's own fstat (+1 byte to notice growth), never
     from `cap`: `read(cap + 1)` would allocate all of `cap` (128 MiB by default, a fresh
     mmap the kernel zeroes and unmaps on every call), ~2 ms per 3 MB read instead of 0.15."""
-    try:
-        with open(_open_nofollow(path), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > cap:
-                raise UnprocessableImage("image file too large")
-            data = f.read(size + 1)
-            if len(data) > size:  # growing while we read: the rest, still capped
-                data += f.read(cap + 1 - len(data))
-    except OSError:
-        raise NotFound() from None
+    with _reading(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > cap:
+            raise UnprocessableImage("image file too large")
+        data = f.read(size + 1)
+        if len(data) > size:  # growing while we read: the rest, still capped
+            data += f.read(cap + 1 - len(data))
     if len(data) > cap:
         raise UnprocessableImage("image file too large")
     return data
