@@ -414,12 +414,15 @@ def server_workers(main_pid: int) -> dict[str, int]:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             continue
         if state == "Z":
             continue  # dead, not yet reaped
         if b"resource_tracker" in cmdline:
             continue  # multiprocessing's tracker, spawned while a worker's name was set
+        if comm == "imgproxy-render":
+            continue  # a render process respawned while a worker's name was set
         for item in environ:
             if item.startswith(b"SANIC_WORKER_NAME=Sanic-Server-"):
                 found[item.partition(b"=")[2].decode()] = pid

@@ -126,10 +126,13 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = await asyncio.start_unix_server(self._serve, self.address)
-        self._ready.set()  # the workers may connect; jobs wait for the render processes
         if self.mode == "processes":
             for _ in range(self.procs):
                 await self._loop.run_in_executor(None, self._spawn)
+        # only now may Sanic start its workers (`start` waits for this): it sets
+        # SANIC_WORKER_NAME in this process's environment while it spawns each one, and a
+        # render process spawned meanwhile would carry a worker's name from birth
+        self._ready.set()  # the workers may connect; jobs wait for the render processes
         sweeper = asyncio.ensure_future(self._sweep())
         try:
             await self._stop.wait()
