@@ -2,37 +2,46 @@
 for the whole picture and the wire format.
 
 `Dispatcher` is a thread with its own asyncio loop behind a Unix socket in a private (0700)
-directory. It holds the instance's one first-in, first-out queue, hands the oldest job to an
-idle render process (or, in `permits` mode, a permit to the oldest waiting worker) and passes
-each result back to the worker that asked; it spawns the render processes and replaces one
-that dies. It never unpickles a job or a result.
+directory. It holds the instance's one first-in, first-out queue and passes each result back
+to the worker that asked; it spawns the render processes and replaces one that dies. It never
+unpickles a job or a result.
+
+Jobs reach the render processes through one shared job socket (SOCK_SEQPACKET: one message
+is one job, read whole by one reader), filled with the oldest jobs while fewer than `procs`
+sit in it unclaimed: a render process that finishes takes the next job at once, without a
+round trip through this thread (each one was a moment a core could go idle), and whichever
+process is free first takes the oldest, so the start order is still the arrival order. A
+process says START (the job is its) before it renders. In `permits` mode the dispatcher
+gives a permit to the oldest waiting worker instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .renderers import (
     _HEAD,
     BUSY,
+    CANCEL_SLOTS,
     FREE,
     GO,
     HELLO_RENDERER,
     HELLO_WORKER,
     JOB,
+    JOB_MAX,
     LOST,
     RESULT,
     START,
@@ -61,6 +70,9 @@ class _Peer:
             self.writer.write(data)
 
 
+_GONE = _Peer(cast(asyncio.StreamWriter, None), alive=False)  # the owner of a cancelled job
+
+
 @dataclass(eq=False, slots=True)
 class _Entry:
     worker: _Peer
@@ -87,8 +99,16 @@ class Dispatcher:
         self.target, self.args = target, args
         self.dir = tempfile.mkdtemp(prefix="imgproxy-pool-")  # 0700: only this user connects
         self.address = os.path.join(self.dir, "queue.sock")
-        self.queue: deque[_Entry] = deque()
-        self.idle: deque[_Peer] = deque()  # render processes waiting for a job
+        self.queue: deque[_Entry] = deque()  # not yet in the job socket
+        self.renderers: set[_Peer] = set()  # connected render processes
+        self.pushed: dict[int, _Entry] = {}  # in the job socket, not yet claimed: seq -> job
+        self.seq = 0
+        self.jobs_in, self.jobs_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.jobs_in.setblocking(False)
+        self.jobs_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * JOB_MAX)
+        # a job in the socket whose worker went away (or that waited too long) is skipped by
+        # the process that takes it: flags[seq % CANCEL_SLOTS], shared with the processes
+        self.cancelled = multiprocessing.get_context("spawn").RawArray("b", CANCEL_SLOTS)
         self.free = procs if mode == "permits" else 0
         self.children: dict[int, Any] = {}  # pid -> multiprocessing.Process
         self.peers: set[_Peer] = set()  # every connection: workers and render processes
@@ -139,7 +159,8 @@ class Dispatcher:
         finally:
             sweeper.cancel()
             server.close()
-            for peer in list(self.peers):  # EOF for every render process and worker
+            self.jobs_in.close()  # EOF in the job socket: every render process ends
+            for peer in list(self.peers):  # EOF for every worker
                 peer.alive = False
                 peer.writer.close()
             if self.handlers:
@@ -152,7 +173,7 @@ class Dispatcher:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=serve_renders,
-            args=(self.address, self.target, self.args),
+            args=(self.address, self.jobs_out, self.cancelled, self.target, self.args),
             name="imgproxy-render",
             daemon=True,  # ends with the main process
         )
@@ -168,6 +189,11 @@ class Dispatcher:
             while self.queue and now - self.queue[0].since > self.wait_max:
                 entry = self.queue.popleft()
                 entry.worker.send(_frame(BUSY, entry.call))
+            for seq, entry in list(self.pushed.items()):  # every process stuck, or one died
+                if now - entry.since > self.wait_max:  # between taking it and its START
+                    self._cancel(seq)
+                    entry.worker.send(_frame(BUSY, entry.call))
+            self._dispatch()
             for pid, proc in list(self.children.items()):
                 if not proc.is_alive():  # reaped here; its connection's EOF did the rest
                     proc.join(0)
@@ -187,16 +213,20 @@ class Dispatcher:
                 if kind in (HELLO_WORKER, HELLO_RENDERER):
                     role, peer.pid = kind, call
                     if kind == HELLO_RENDERER:
-                        self.idle.append(peer)
+                        self.renderers.add(peer)
                         self._dispatch()
                 elif kind in (JOB, WANT):
                     self._admit(peer, call, body)
+                elif kind == START:  # a render process took job `call` from the job socket
+                    entry = self.pushed.pop(call, None)
+                    peer.job = entry or _Entry(_GONE, 0, b"", 0.0)  # cancelled just after
+                    if entry is not None:
+                        entry.worker.send(_frame(START, entry.call))
+                    self._dispatch()  # its place in the job socket is free
                 elif kind == RESULT:
                     entry, peer.job = peer.job, None
                     if entry is not None:
                         entry.worker.send(_frame(RESULT, entry.call, body))
-                    self.idle.append(peer)
-                    self._dispatch()
                 elif kind == FREE:
                     peer.granted -= 1
                     self.free += 1
@@ -213,15 +243,28 @@ class Dispatcher:
             elif role == HELLO_WORKER:
                 self._worker_gone(peer)
 
+    def idle(self) -> int:
+        """Render processes without a job (some may be about to take one from the socket)."""
+        return sum(1 for r in self.renderers if r.alive and r.job is None)
+
+    def waiting(self) -> int:
+        """Jobs that no render process will start at once."""
+        if self.mode == "permits":
+            return len(self.queue)
+        return len(self.queue) + max(0, len(self.pushed) - self.idle())
+
     def _admit(self, worker: _Peer, call: int, body: bytes) -> None:
-        has_slot = self.free > 0 if self.mode == "permits" else bool(self.idle)
-        if not has_slot and len(self.queue) >= self.queue_max:
+        permits = self.mode == "permits"
+        has_slot = self.free > 0 if permits else self.idle() > len(self.pushed)
+        if not has_slot and self.waiting() >= self.queue_max:
             worker.send(_frame(BUSY, call))
             return
         self.queue.append(_Entry(worker, call, body, time.monotonic()))
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if self._stopped:
+            return
         queue = self.queue
         while queue:
             if not queue[0].worker.alive:
@@ -235,27 +278,41 @@ class Dispatcher:
                 entry.worker.granted += 1
                 entry.worker.send(_frame(GO, entry.call))
                 continue
-            while self.idle and not self.idle[0].alive:
-                self.idle.popleft()
-            if not self.idle:
+            if len(self.pushed) >= self.procs:  # each process has one waiting for it
                 return
-            renderer = self.idle.popleft()
             entry = queue.popleft()
-            renderer.job = entry
-            renderer.send(_frame(JOB, entry.call, entry.body))
-            entry.worker.send(_frame(START, entry.call))
+            self.seq += 1
+            try:
+                if _HEAD.size + len(entry.body) > JOB_MAX:
+                    raise OSError("larger than JOB_MAX")
+                self.jobs_in.send(_frame(JOB, self.seq, entry.body))
+            except BlockingIOError:  # the socket's buffer is full: later
+                queue.appendleft(entry)
+                return
+            except OSError as exc:  # a job too large for one message: its 500
+                log.error("render job of %d bytes not queued: %s", len(entry.body), exc)
+                entry.worker.send(_frame(LOST, entry.call))
+                continue
+            self.cancelled[self.seq % CANCEL_SLOTS] = 0
+            self.pushed[self.seq] = entry
+
+    def _cancel(self, seq: int) -> None:
+        """A job in the job socket that nobody wants any more: skipped, not rendered."""
+        del self.pushed[seq]
+        self.cancelled[seq % CANCEL_SLOTS] = 1
 
     def _worker_gone(self, worker: _Peer) -> None:
         """A worker died (or closed): its queued jobs go, its permits come back."""
         self.queue = deque(e for e in self.queue if e.worker is not worker)
+        for seq in [seq for seq, e in self.pushed.items() if e.worker is worker]:
+            self._cancel(seq)
         if worker.granted:
             self.free += worker.granted
             worker.granted = 0
         self._dispatch()
 
     def _renderer_gone(self, renderer: _Peer) -> None:
-        with contextlib.suppress(ValueError):
-            self.idle.remove(renderer)
+        self.renderers.discard(renderer)
         entry, renderer.job = renderer.job, None
         proc = self.children.pop(renderer.pid, None)
         code = None

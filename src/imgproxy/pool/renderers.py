@@ -1,13 +1,15 @@
 """Render processes fed by one first-in, first-out queue per instance (issue 17.1, design c).
 
-    main process     Dispatcher (dispatcher.py): a thread with its own asyncio loop behind a Unix socket in
-                     a private (0700) directory. It holds the instance's one queue, hands the
-                     oldest job to an idle render process and passes the result back to the
-                     worker that asked. More than `queue` jobs waiting: the newcomer gets
-                     BUSY (503). A job that waited `wait_max` seconds: BUSY.
-    render process   `serve_renders`: connect, then forever one job in, `fn(job)`, one
-                     reply out: at most `procs` renders at once per instance, and none of
-                     them waits on an HTTP loop's GIL.
+    main process     Dispatcher (dispatcher.py): a thread with its own asyncio loop behind
+                     a Unix socket in a private (0700) directory. It holds the instance's
+                     one queue, feeds the oldest jobs into the shared job socket (at most
+                     `procs` unclaimed) and passes each result back to the worker that
+                     asked. More than `queue` jobs waiting: the newcomer gets BUSY (503).
+                     A job that waited `wait_max` seconds: BUSY.
+    render process   `serve_renders`: connect, then forever: the next job from the job
+                     socket, START, `fn(job)`, one reply out: at most `procs` renders at
+                     once per instance, none of them waits on an HTTP loop's GIL, and a
+                     process that finishes finds the next job already there.
     HTTP worker      Client: one connection; `await client.call(job)`. Never blocks its
                      loop: asyncio streams only.
 
@@ -44,6 +46,8 @@ from ..errors import ImgProxyError, Overloaded, RenderFailed
 log = logging.getLogger("imgproxy")
 
 _HEAD = struct.Struct("!IBQ")
+JOB_MAX = 256 * 1024  # bytes of one job message (a path and a spec; fetched bodies are spilled)
+CANCEL_SLOTS = 4096  # cancel flags, by job number modulo this (far more than ever sit unclaimed)
 HELLO_WORKER, HELLO_RENDERER, JOB, START, RESULT, BUSY, LOST, WANT, GO, FREE = range(1, 11)
 
 
@@ -54,10 +58,16 @@ def _frame(kind: int, call: int, body: bytes = b"") -> bytes:
 # -- a render process ------------------------------------------------------------------------
 
 
-def serve_renders(address: str, target: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+def serve_renders(
+    address: str,
+    jobs: socket.socket,
+    cancelled: Any,
+    target: Callable[..., Any] | None,
+    args: tuple[Any, ...],
+) -> None:
     """A render process: `target(*args)` gives the function that renders one job; then jobs
-    from the dispatcher, one at a time, until it closes the connection."""
-    # A render process lives as long as its connection: it ends when the dispatcher closes it
+    from the shared job socket `jobs`, one at a time, until the dispatcher closes it."""
+    # A render process lives as long as the job socket: it ends when the dispatcher closes it
     # (shutdown) or the main process dies. SIGTERM/SIGINT sent to the whole process group
     # (Ctrl-C, `kill -- -PGID`) reach the main process, which stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -68,20 +78,27 @@ def serve_renders(address: str, target: Callable[..., Any] | None, args: tuple[A
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
     sock.sendall(_frame(HELLO_RENDERER, os.getpid()))
-    stream = sock.makefile("rb")
     while True:
-        head = stream.read(_HEAD.size)
-        if len(head) < _HEAD.size:
-            return
-        size, _kind, call = _HEAD.unpack(head)
-        body = stream.read(size)
         try:
-            reply: tuple[Any, ...] = ("ok", fn(pickle.loads(body)))
+            message = jobs.recv(JOB_MAX)
+            if len(message) < _HEAD.size:  # EOF: the dispatcher stopped
+                return
+            _size, _kind, call = _HEAD.unpack_from(message)
+            if cancelled[call % CANCEL_SLOTS]:  # its worker went away meanwhile
+                continue
+            sock.sendall(_frame(START, call))  # the job is this process's from now on
+        except OSError:
+            return
+        try:
+            reply: tuple[Any, ...] = ("ok", fn(pickle.loads(message[_HEAD.size :])))
         except ImgProxyError as exc:
             reply = ("err", type(exc), exc.reason, _cause(exc))
         except Exception as exc:  # the server's own failure: a 500, logged by the worker
             reply = ("err", RenderFailed, None, f"{type(exc).__name__}: {exc}")
-        sock.sendall(_frame(RESULT, call, pickle.dumps(reply, protocol=5)))
+        try:
+            sock.sendall(_frame(RESULT, call, pickle.dumps(reply, protocol=5)))
+        except OSError:  # the dispatcher is gone
+            return
 
 
 def _name_process(name: bytes) -> None:
