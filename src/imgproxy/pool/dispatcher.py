@@ -6,13 +6,11 @@ directory. It holds the instance's one first-in, first-out queue and passes each
 to the worker that asked; it spawns the render processes and replaces one that dies. It never
 unpickles a job or a result.
 
-Jobs reach the render processes through one shared job socket (SOCK_SEQPACKET: one message
-is one job, read whole by one reader), filled with the oldest jobs while fewer than `procs`
-sit in it unclaimed: a render process that finishes takes the next job at once, without a
-round trip through this thread (each one was a moment a core could go idle), and whichever
-process is free first takes the oldest, so the start order is still the arrival order. A
-process says START (the job is its) before it renders. In `permits` mode the dispatcher
-gives a permit to the oldest waiting worker instead.
+Jobs reach the render processes through one shared job socket (SOCK_SEQPACKET: a message is
+a job, read whole by one reader), filled with the oldest jobs while fewer than `procs` sit in
+it unclaimed: a process that finishes takes the next job at once, without a round trip through
+this thread (a moment a core could idle), and the first free takes the oldest, so jobs start
+in arrival order. `permits` mode gives a permit to the oldest waiting worker instead.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -47,6 +44,7 @@ from .renderers import (
     START,
     WANT,
     _frame,
+    job_channel,
     serve_renders,
 )
 
@@ -103,12 +101,7 @@ class Dispatcher:
         self.renderers: set[_Peer] = set()  # connected render processes
         self.pushed: dict[int, _Entry] = {}  # in the job socket, not yet claimed: seq -> job
         self.seq = 0
-        self.jobs_in, self.jobs_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.jobs_in.setblocking(False)
-        self.jobs_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * JOB_MAX)
-        # a job in the socket whose worker went away (or that waited too long) is skipped by
-        # the process that takes it: flags[seq % CANCEL_SLOTS], shared with the processes
-        self.cancelled = multiprocessing.get_context("spawn").RawArray("b", CANCEL_SLOTS)
+        self.jobs_in, self.jobs_out, self.cancelled = job_channel()
         self.free = procs if mode == "permits" else 0
         self.children: dict[int, Any] = {}  # pid -> multiprocessing.Process
         self.peers: set[_Peer] = set()  # every connection: workers and render processes

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import multiprocessing
 import os
 import pickle
 import signal
@@ -53,6 +54,16 @@ HELLO_WORKER, HELLO_RENDERER, JOB, START, RESULT, BUSY, LOST, WANT, GO, FREE = r
 
 def _frame(kind: int, call: int, body: bytes = b"") -> bytes:
     return _HEAD.pack(len(body), kind, call) + body
+
+
+def job_channel() -> tuple[socket.socket, socket.socket, Any]:
+    """The shared job socket: (the dispatcher's end, the render processes' end, the cancel
+    flags). A job in it whose worker went away, or that waited too long, is skipped by the
+    process that takes it: `cancelled[seq % CANCEL_SLOTS]`, shared with the processes."""
+    jobs_in, jobs_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    jobs_in.setblocking(False)
+    jobs_in.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * JOB_MAX)
+    return jobs_in, jobs_out, multiprocessing.get_context("spawn").RawArray("b", CANCEL_SLOTS)
 
 
 # -- a render process ------------------------------------------------------------------------
