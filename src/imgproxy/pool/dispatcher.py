@@ -247,8 +247,11 @@ class Dispatcher:
         return len(self.queue) + max(0, len(self.pushed) - self.idle())
 
     def _admit(self, worker: _Peer, call: int, body: bytes) -> None:
-        permits = self.mode == "permits"
-        has_slot = self.free > 0 if permits else self.idle() > len(self.pushed)
+        if self.mode != "permits" and _HEAD.size + len(body) > JOB_MAX:  # not one message
+            log.error("render job of %d bytes refused: over JOB_MAX", len(body))
+            worker.send(_frame(LOST, call))
+            return
+        has_slot = self.free > 0 if self.mode == "permits" else self.idle() > len(self.pushed)
         if not has_slot and self.waiting() >= self.queue_max:
             worker.send(_frame(BUSY, call))
             return
@@ -276,14 +279,11 @@ class Dispatcher:
             entry = queue.popleft()
             self.seq += 1
             try:
-                if _HEAD.size + len(entry.body) > JOB_MAX:
-                    raise OSError("larger than JOB_MAX")
                 self.jobs_in.send(_frame(JOB, self.seq, entry.body))
             except BlockingIOError:  # the socket's buffer is full: later
                 queue.appendleft(entry)
                 return
-            except OSError as exc:  # a job too large for one message: its 500
-                log.error("render job of %d bytes not queued: %s", len(entry.body), exc)
+            except OSError:  # the job is lost; its worker answers 500 and logs it
                 entry.worker.send(_frame(LOST, entry.call))
                 continue
             self.cancelled[self.seq % CANCEL_SLOTS] = 0
